@@ -1,0 +1,23 @@
+# Two set-up commands (README): `make bench` runs the main job, `make test` runs the tests.
+# Each creates .venv on first use and installs what it needs; nothing is installed by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+
+$(VENV)/.installed-%: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# prefer the CPU build of torch that ships on this machine kind; fall back to the index
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==2.13.0" || $(PIP) "torch>=2.6"
+	$(PIP) -e ".[$*]"
+	touch $@
+
+.PHONY: test bench list
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed-bench
+	$(VENV)/bin/attnkit bench --quick
+
+list: $(VENV)/.installed-test
+	$(VENV)/bin/attnkit list

@@ -1,0 +1,22 @@
+"""attnkit: efficient attention for long-context transformers.
+
+    import attnkit as ak
+    o = ak.attention(q, k, v, method="sliding_window", window=256, sinks=4)
+    o, lse = ak.attention(q, k, v, method="dense", return_lse=True)
+    ak.list_methods(); ak.explain(q, k, v, method="dense")
+
+Tensors are sequence-first: q `[B, Tq, Hq, D]`, k `[B, Tk, Hkv, D]`, v `[B, Tk, Hkv, Dv]`.
+"""
+
+from . import core, ops, registry
+from . import methods  # noqa: F401  (registers the softmax-family methods)
+from .api import attention, explain
+from .core import AttnkitError, BackendError, KVSelection, OptionError, from_bhtd, masks, to_bhtd
+from .registry import list_methods
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnkitError", "BackendError", "KVSelection", "OptionError", "__version__", "attention", "core", "explain",
+    "from_bhtd", "list_methods", "masks", "methods", "ops", "registry", "to_bhtd",
+]

@@ -1,0 +1,59 @@
+"""`attnkit.attention(...)`: one entry point for every mechanism, dispatched through the registry."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .core.contract import validate_attention
+from .registry import Explanation, check_capabilities, choose_backend, ensure_backend, get_method, parse_options
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: str = "dense",
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    **options: Any,
+) -> Any:
+    """Attention of `q: [B, Tq, Hq, D]` over `k: [B, Tk, Hkv, D]`, `v: [B, Tk, Hkv, Dv]`.
+
+    Returns `out: [B, Tq, Hq, Dv]`, or `(out, lse)` with `lse: [B, Hq, Tq]` float32 when
+    `return_lse=True`. `method` names a registered mechanism (`attnkit.list_methods()`), whose
+    options are keyword arguments; `backend="auto"` picks the first backend that supports the
+    call (`attnkit.explain` says why).
+    """
+    spec = get_method(method)
+    call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
+    check_capabilities(spec, call)
+    opts = parse_options(spec, call, options)
+    chosen = ensure_backend(choose_backend(spec, call, opts, backend))
+    return spec.backend(chosen).run(call, opts)
+
+
+def explain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: str = "dense",
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    **options: Any,
+) -> Explanation:
+    """For the same arguments as `attention`, say which backend would run and why the others would not."""
+    spec = get_method(method)
+    call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
+    check_capabilities(spec, call)
+    opts = parse_options(spec, call, options)
+    return choose_backend(spec, call, opts, backend)

@@ -1,0 +1,1 @@
+"""integrations: see DESIGN.md section 2."""

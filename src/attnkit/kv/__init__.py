@@ -1,0 +1,1 @@
+"""kv: see DESIGN.md section 2."""

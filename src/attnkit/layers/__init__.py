@@ -1,0 +1,1 @@
+"""layers: see DESIGN.md section 2."""

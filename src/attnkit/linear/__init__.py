@@ -1,0 +1,1 @@
+"""linear: see DESIGN.md section 2."""
