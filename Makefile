@@ -12,7 +12,7 @@ $(VENV)/.installed-%: pyproject.toml
 	$(PIP) -e ".[$*]"
 	touch $@
 
-.PHONY: test bench list
+.PHONY: test bench list readme
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
@@ -21,3 +21,7 @@ bench: $(VENV)/.installed-bench
 
 list: $(VENV)/.installed-test
 	$(VENV)/bin/attnkit list
+
+# regenerate the README's capability table from the registry
+readme: $(VENV)/.installed-test
+	$(PY) scripts/update_readme.py

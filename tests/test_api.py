@@ -1,0 +1,126 @@
+"""The public face: attention(), explain(), list_methods(), the CLI and the README's table."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnkit as ak
+from attnkit import registry
+from attnkit.core.contract import validate_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def qkv(T=16, Hq=4, Hkv=2, D=8):
+    return torch.randn(1, T, Hq, D), torch.randn(1, T, Hkv, D), torch.randn(1, T, Hkv, D)
+
+
+def test_every_method_runs_through_attention_with_its_example_options() -> None:
+    q, k, v = qkv()
+    call = validate_attention(q, k, v)
+    for spec in registry.methods():
+        opts = spec.example(call)
+        out = ak.attention(q, k, v, method=spec.name, **opts)
+        out = out[0] if isinstance(out, tuple) else out
+        assert out.shape[:3] == q.shape[:3] and torch.isfinite(out).all(), spec.name
+
+
+def test_explain_lists_every_backend_with_a_reason() -> None:
+    q, k, v = qkv()
+    exp = ak.explain(q, k, v, method="dense")
+    assert exp.chosen == "sdpa" and [r[0] for r in exp.rows] == ["sdpa", "reference"]
+    exp = ak.explain(q, k, v, method="dense", return_lse=True)
+    assert exp.chosen == "reference"
+    assert dict((n, r) for n, _, r in exp.rows)["sdpa"] == "cannot return the LSE (return_lse=True)"
+    exp = ak.explain(q[:, :3], k, v, method="dense")
+    assert exp.chosen == "reference" and "bottom-right" in exp.rows[0][2]
+    exp = ak.explain(q, k, v, method="dense", cu_seqlens=torch.tensor([0, 5, 16], dtype=torch.int32))
+    assert exp.chosen == "reference" and "varlen" in exp.rows[0][2]
+    exp = ak.explain(q, k, v, method="dense", backend="reference")
+    assert exp.chosen == "reference" and "another backend was requested" in exp.rows[0][2]
+    assert "chosen 'reference'" in str(exp)
+
+
+def test_auto_and_sdpa_agree_with_reference() -> None:
+    q, k, v = qkv(T=33)
+    for causal in (True, False):
+        a = ak.attention(q, k, v, causal=causal)
+        b = ak.attention(q, k, v, causal=causal, backend="reference")
+        assert (a - b).abs().max() < 1e-5
+    # Tq = 1 causal is served by sdpa as non-causal attention over every key
+    a = ak.attention(q[:, -1:], k, v)
+    b = ak.attention(q[:, -1:], k, v, backend="reference")
+    assert ak.explain(q[:, -1:], k, v).chosen == "sdpa" and (a - b).abs().max() < 1e-5
+
+
+def test_list_methods_rows() -> None:
+    rows = {r["name"]: r for r in ak.list_methods()}
+    for name in ("dense", "sliding_window", "dilated", "strided"):
+        assert name in rows
+    assert rows["dense"]["backends"] == ["sdpa", "reference"]
+    assert rows["sliding_window"]["options"] == ["window", "sinks"]
+    assert rows["dense"]["capabilities"] == dict(causal=True, non_causal=True, gqa=True, varlen=True,
+                                                 backward=True, decode=True, lse=True)
+    for r in rows.values():
+        assert (ROOT / r["docs"]).is_file(), f"{r['name']}: docs page {r['docs']} is missing"
+
+
+def test_readme_carries_the_generated_capability_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = registry.markdown_table()
+    assert table in readme, "README.md's capability table is stale: paste `attnkit list --markdown` into it"
+
+
+def test_cli_list_and_markdown() -> None:
+    out = subprocess.run([sys.executable, "-m", "attnkit", "list", "--markdown"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == registry.markdown_table()
+    out = subprocess.run([sys.executable, "-m", "attnkit", "list"], capture_output=True, text=True, check=True)
+    assert "sliding_window" in out.stdout
+
+
+def test_registry_rejects_duplicates_and_bad_specs() -> None:
+    spec = registry.get_method("dense")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(spec)
+    with pytest.raises(TypeError, match="options must be a MethodOptions dataclass"):
+        registry.register(registry.MethodSpec("x", "exact", "", "", dict, registry.Capabilities(), ()))
+
+
+def test_capability_errors() -> None:
+    caps = registry.Capabilities(non_causal=False, gqa=False, varlen=False, lse=False, decode=False)
+    spec = registry.MethodSpec("_restricted", "exact", "", "", registry.NoOptions, caps,
+                               (registry.Backend("reference", lambda call, opts: None),))
+    q, k, v = qkv()
+    for kwargs, match in [
+        (dict(causal=False), "causal: method '_restricted' is causal only"),
+        (dict(), "k: method '_restricted' needs Hkv == Hq"),
+    ]:
+        with pytest.raises(ak.AttnkitError, match=match):
+            registry.check_capabilities(spec, validate_attention(q, k, v, **kwargs))
+    k1, v1 = k.repeat_interleave(2, 2), v.repeat_interleave(2, 2)
+    for kwargs, match in [
+        (dict(cu_seqlens=torch.tensor([0, 16], dtype=torch.int32)), "cu_seqlens: method '_restricted' has no varlen"),
+        (dict(return_lse=True), "return_lse: method '_restricted' has no softmax LSE"),
+    ]:
+        with pytest.raises(ak.AttnkitError, match=match):
+            registry.check_capabilities(spec, validate_attention(q, k1, v1, **kwargs))
+    with pytest.raises(ak.AttnkitError, match="q: method '_restricted' needs Tq == Tk"):
+        registry.check_capabilities(spec, validate_attention(q[:, :2], k1, v1))
+
+
+def test_backend_checks_devices_dtypes_and_grad() -> None:
+    b = registry.Backend("gpu_only", lambda c, o: None, devices=("cuda",))
+    q, k, v = qkv()
+    assert "runs on cuda, inputs are on cpu" == b.why_not(validate_attention(q, k, v), None)
+    b = registry.Backend("half", lambda c, o: None, dtypes=(torch.float16,))
+    assert "dtype fp32 not supported (supports fp16)" == b.why_not(validate_attention(q, k, v), None)
+    b = registry.Backend("fwd", lambda c, o: None, backward=False)
+    qg = q.requires_grad_()
+    assert "forward only" in b.why_not(validate_attention(qg, k, v), None)
+    with torch.no_grad():
+        assert b.why_not(validate_attention(qg, k, v), None) is None
+    b = registry.Backend("missing", lambda c, o: None, available=lambda: "triton not installed")
+    assert b.why_not(validate_attention(q, k, v), None) == "triton not installed"
