@@ -10,6 +10,7 @@ Tensors are sequence-first: q `[B, Tq, Hq, D]`, k `[B, Tk, Hkv, D]`, v `[B, Tk, 
 
 from . import core, ops, registry
 from . import methods  # noqa: F401  (registers the softmax-family methods)
+from . import linear  # noqa: F401  (registers the linear / recurrent family)
 from .api import attention, explain
 from .core import AttnkitError, BackendError, KVSelection, OptionError, from_bhtd, masks, to_bhtd
 from .registry import list_methods
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttnkitError", "BackendError", "KVSelection", "OptionError", "__version__", "attention", "core", "explain",
-    "from_bhtd", "list_methods", "masks", "methods", "ops", "registry", "to_bhtd",
+    "from_bhtd", "linear", "list_methods", "masks", "methods", "ops", "registry", "to_bhtd",
 ]

@@ -35,14 +35,13 @@ def recurrent_step(
     dt = S.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if g is not None:
-        g = g.to(dt)
-        S = S * (g[..., None, None] if g.dim() == 2 else g[..., None]).exp()
+        S = S * (g[..., None, None] if g.dim() == 2 else g[..., None]).to(dt).exp()
     if beta is None:
         u = v
     else:
-        u = beta.to(dt)[..., None] * (v - torch.einsum("bhk,bhkv->bhv", k, S))
-    S = S + k[..., :, None] * u[..., None, :]
-    o = torch.einsum("bhk,bhkv->bhv", q * scale, S)
+        u = beta.to(dt)[..., None] * (v - (k[..., None, :] @ S)[..., 0, :])
+    S = torch.addcmul(S, k[..., :, None], u[..., None, :])
+    o = ((q * scale)[..., None, :] @ S)[..., 0, :]
     return o, S
 
 

@@ -1,0 +1,189 @@
+"""Time the linear/recurrent family on a GPU: PyTorch chunked form, fla, dense causal SDPA.
+
+    PYTHONPATH=src python benchmarks/linear_bench.py --out results/linear_h100.json
+
+Shape (issue 4): bf16, B = 1, H = 16, K = V = 128, T in {8192, 32768}. For each method:
+forward and forward+backward of attnkit's PyTorch chunked form (eager, and `torch.compile`
+where the time budget allows), of fla's chunked kernels (attnkit's `fla` backend), and of cuDNN
+dense causal attention (`scaled_dot_product_attention`, cuDNN backend) at the same shape.
+Times are the median of CUDA-event timings after warm-up. Before timing, each method's fla and
+PyTorch outputs are compared on a small shape (relative max error). The JSON is rewritten after
+every measurement so that a run cut short still leaves its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+import attnkit.linear as L
+from attnkit.linear.chunk import chunk_forward
+
+METHODS = ["linear_attention", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "kda"]
+
+
+def inputs(name: str, T: int, H: int, D: int, grad: bool) -> dict[str, torch.Tensor]:
+    dev, bf = "cuda", torch.bfloat16
+    x = {key: torch.randn(1, T, H, D, device=dev, dtype=bf) for key in ("q", "k", "v")}
+    if name in ("simple_gla", "gated_delta_rule"):
+        x["g"] = F.logsigmoid(torch.randn(1, T, H, device=dev)) / 16
+    if name in ("gla", "kda"):
+        x["g"] = F.logsigmoid(torch.randn(1, T, H, D, device=dev)) / 16
+    if name in ("delta_rule", "gated_delta_rule", "kda"):
+        x["beta"] = torch.sigmoid(torch.randn(1, T, H, device=dev)).to(bf)
+    for t in x.values():
+        t.requires_grad_(grad)
+    return x
+
+
+def call(name: str, x: dict[str, torch.Tensor], backend: str, chunk_size: int = 64) -> torch.Tensor:
+    q, k, v = x["q"], x["k"], x["v"]
+    kw: dict[str, Any] = dict(backend=backend, chunk_size=chunk_size)
+    if name == "linear_attention":
+        return L.linear_attention(q, k, v, **kw)[0]
+    if name == "simple_gla":
+        return L.simple_gla(q, k, v, x["g"], **kw)[0]
+    if name == "gla":
+        return L.gla(q, k, v, x["g"], **kw)[0]
+    l2 = dict(use_qk_l2norm_in_kernel=True)
+    if name == "delta_rule":
+        return L.delta_rule(q, k, v, x["beta"], **l2, **kw)[0]
+    if name == "gated_delta_rule":
+        return L.gated_delta_rule(q, k, v, x["g"], x["beta"], **l2, **kw)[0]
+    return L.kda(q, k, v, x["g"], x["beta"], **l2, **kw)[0]
+
+
+def timeit(fn: Callable[[], Any], warmup: int = 2, reps: int = 7) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def fwd_bwd(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], x: dict[str, torch.Tensor]) -> Callable[[], Any]:
+    def go() -> None:
+        o = run(x)
+        o.backward(torch.ones_like(o))
+        for t in x.values():
+            t.grad = None
+
+    return go
+
+
+def measure(res: list, out: str, meta: dict, **row: Any) -> None:
+    res.append(row)
+    print(json.dumps(row), flush=True)
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "results": res}, f, indent=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/linear_h100.json")
+    ap.add_argument("--T", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--budget-s", type=float, default=360.0, help="skip torch.compile runs past this time")
+    args = ap.parse_args()
+    t0 = time.time()
+    H, D = 16, 128
+    import fla  # noqa: F401  (the run needs fla; fail loudly otherwise)
+
+    meta = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "fla": getattr(fla, "__version__", "?"),
+        "python": platform.python_version(), "shape": {"B": 1, "H": H, "K": D, "V": D}, "dtype": "bf16",
+        "timing": "median of 7 CUDA-event timings after 2 warm-ups, ms",
+    }
+    res: list = []
+
+    # cross-check: fla vs the PyTorch chunked form on a small shape (float32 compute on both)
+    for name in METHODS:
+        try:
+            x = inputs(name, 1024, 4, 64, grad=False)
+            with torch.no_grad():
+                a, b = call(name, x, "fla").float(), call(name, x, "chunk").float()
+            rel = ((a - b).abs().max() / b.abs().max()).item()
+            measure(res, args.out, meta, kind="crosscheck", method=name, T=1024, rel_max_err_fla_vs_chunk=rel)
+        except Exception as e:  # record, keep going
+            measure(res, args.out, meta, kind="crosscheck", method=name, T=1024, error=f"{type(e).__name__}: {e}"[:300])
+
+    for T in args.T:
+        # dense causal attention at the same shape: cuDNN through SDPA
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        qd, kd, vd = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        try:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                f = lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)  # noqa: E731
+                with torch.no_grad():
+                    fwd = timeit(f)
+                measure(res, args.out, meta, kind="time", method="dense_sdpa_cudnn", impl="sdpa-cudnn", T=T,
+                        fwd_ms=fwd, fwd_bwd_ms=timeit(lambda: f().backward(torch.ones_like(qd))))
+        except Exception as e:  # record, keep going
+            measure(res, args.out, meta, kind="time", method="dense_sdpa_cudnn", impl="sdpa-cudnn", T=T,
+                    error=f"{type(e).__name__}: {e}"[:300])
+        del qd, kd, vd
+        for name in METHODS:
+            for impl in ("chunk", "fla"):  # PyTorch first: fla's first calls compile and autotune
+                try:
+                    x = inputs(name, T, H, D, grad=True)
+                    with torch.no_grad():
+                        fwd = timeit(lambda: call(name, x, impl))
+                    fb = timeit(fwd_bwd(lambda y: call(name, y, impl), x))
+                    peak = torch.cuda.max_memory_allocated() / 2**30
+                    measure(res, args.out, meta, kind="time", method=name, impl=impl, T=T, fwd_ms=fwd, fwd_bwd_ms=fb,
+                            peak_gib_so_far=round(peak, 2))
+                except Exception as e:  # OOM or an fla failure: record, keep going
+                    measure(res, args.out, meta, kind="time", method=name, impl=impl, T=T,
+                            error=f"{type(e).__name__}: {e}"[:300])
+                finally:
+                    x = None
+                    torch.cuda.empty_cache()
+
+    # torch.compile of the chunked engine (the chunk loop unrolls; compile time is recorded)
+    for name in ("simple_gla", "gla"):
+        for T in args.T:
+            if time.time() - t0 > args.budget_s:
+                measure(res, args.out, meta, kind="time", method=name, impl="chunk-compile", T=T,
+                        error="skipped: benchmark time budget spent")
+                continue
+            try:
+                engine = torch.compile(chunk_forward, dynamic=False)
+                x = inputs(name, T, H, D, grad=True)
+                run = lambda y: engine(y["q"], y["k"], y["v"], y.get("g"), None, D ** -0.5, None, 64)[0]  # noqa: E731
+                c0 = time.time()
+                with torch.no_grad():
+                    run(x)
+                torch.cuda.synchronize()
+                compile_s = time.time() - c0
+                with torch.no_grad():
+                    fwd = timeit(lambda: run(x))
+                fb = timeit(fwd_bwd(run, x))
+                measure(res, args.out, meta, kind="time", method=name, impl="chunk-compile", T=T, fwd_ms=fwd,
+                        fwd_bwd_ms=fb, compile_fwd_s=round(compile_s, 1))
+            except Exception as e:  # record, keep going
+                measure(res, args.out, meta, kind="time", method=name, impl="chunk-compile", T=T,
+                        error=f"{type(e).__name__}: {e}"[:300])
+            finally:
+                x = None
+                torch.cuda.empty_cache()
+    meta["total_s"] = round(time.time() - t0, 1)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": res}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
