@@ -1,0 +1,323 @@
+"""Ring attention (Liu et al., "Ring Attention with Blockwise Transformers") over torch.distributed.
+
+Each rank holds a shard of the sequence (`layout.py`). Key/value shards travel around the ring
+with `batch_isend_irecv`, the next transfer posted before the current rectangle is computed so
+communication overlaps compute; partial outputs merge by their log-sum-exp in float32 (float64
+for float64 inputs). The backward pass is part of the same autograd Function: the key/value
+gradient of each shard travels with it and returns to its owner, while query gradients stay put.
+
+With a sliding window the plan (`schedule.py`) skips rectangles the window never reaches and
+stops sending shards nobody needs; attention sinks are broadcast once (`sinks` tokens, not a
+shard) and attended in their own pass, when they fit in rank 0's first chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..core.contract import AttnkitError, validate_attention
+from ..core.masks import Mask
+from . import blocks
+from .comm import Comm, CommStats, dtype_code, dtype_name
+from .layout import chunks_per_rank, check_layout, segments
+from .pattern import FULL, NONE, PARTIAL, Visibility
+from .schedule import Call, RingSchedule
+
+
+class _Held:
+    """The key/value segments of one shard this rank holds at a step, stored back to back."""
+
+    def __init__(self, segs: tuple[int, ...], lengths: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        self.segs, self.k, self.v = segs, k, v
+        self.offsets: dict[int, tuple[int, int]] = {}
+        off = 0
+        for g in segs:
+            self.offsets[g] = (off, lengths[g])
+            off += lengths[g]
+
+    def rows(self, segs: tuple[int, ...]) -> tuple[int, int]:
+        """Local row range of consecutive held segments."""
+        lo = self.offsets[segs[0]][0]
+        last = self.offsets[segs[-1]]
+        return lo, last[0] + last[1]
+
+    def select(self, segs: tuple[int, ...]) -> list[torch.Tensor]:
+        if segs == self.segs:
+            return [self.k, self.v]
+        parts = [self.offsets[g] for g in segs]
+        return [torch.cat([x[:, o:o + n] for o, n in parts], 1) for x in (self.k, self.v)]
+
+
+class _Ring:
+    """One ring call's fixed state: the group, plan, visibility and kernel choice."""
+
+    def __init__(self, comm: Comm, sched: RingSchedule, scale: float, kernel: str, sink_pass: bool,
+                 stats: Optional[CommStats]) -> None:
+        self.comm, self.sched, self.scale, self.kernel = comm, sched, scale, kernel
+        self.sink_pass, self.stats = sink_pass, stats
+        self.sink_vis = Visibility(causal=sched.vis.causal)
+
+    def lengths(self, src: int) -> list[int]:
+        return [s.length for s in self.sched.segs[src]]
+
+    def kv_exchange(self, held: _Held, t: int, like: tuple[torch.Tensor, torch.Tensor], phase: str):
+        """Post the transfer of the shards needed at step t + 1 (send ours on, receive the next)."""
+        comm, sched = self.comm, self.sched
+        if t + 1 >= sched.steps or comm.world == 1:
+            return None, ()
+        r, W = comm.rank, comm.world
+        send_segs = sched.carried((r - t) % W, t + 1)
+        recv_src = (r - t - 1) % W
+        recv_segs = sched.carried(recv_src, t + 1)
+        sends = [(x, (r + 1) % W) for x in held.select(send_segs)] if send_segs else []
+        recvs = []
+        if recv_segs:
+            n = sum(self.lengths(recv_src)[g] for g in recv_segs)
+            for x in like:
+                shape = (x.shape[0], n) + tuple(x.shape[2:])
+                recvs.append((shape, x.dtype, x.device, (r - 1) % W))
+        return comm.exchange(sends, recvs, self.stats, phase), recv_segs
+
+    def mask_for(self, call: Call, src: int, held: _Held, vis: Visibility) -> Optional[Mask]:
+        if call.kind != PARTIAL:
+            return None
+        tq = call.q_hi - call.q_lo
+        lo, hi = held.rows(call.k_segs)
+        k_start = self.sched.segs[src][call.k_segs[0]].start if src >= 0 else 0
+        return vis.mask(call.q_start - ((hi - lo) - tq), k_start)
+
+
+def _sink_calls(ring: _Ring, local_len: int, n_sinks: int) -> list[Call]:
+    """Calls of this rank's query segments against the `n_sinks` broadcast sink keys."""
+    out: list[Call] = []
+    for q in segments(ring.sched.layout, ring.comm.world, ring.comm.rank, local_len):
+        kind = ring.sink_vis.classify(q.start, q.stop, 0, n_sinks)
+        if kind == NONE:
+            continue
+        kind = FULL if kind == FULL else PARTIAL
+        if out and kind == FULL and out[-1].kind == FULL and out[-1].q_hi == q.offset:
+            out[-1] = Call(out[-1].q_lo, q.offset + q.length, (0,), FULL, out[-1].q_start)
+        else:
+            out.append(Call(q.offset, q.offset + q.length, (0,), kind, q.start))
+    return out
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: _Ring) -> torch.Tensor:
+        # q: [B, T, Hq, D], k: [B, T, Hkv, D], v: [B, T, Hkv, Dv] (this rank's shard)
+        comm, sched = ring.comm, ring.sched
+        r, W = comm.rank, comm.world
+        B, T, Hq, _ = q.shape
+        cd = blocks.accum_dtype(q.dtype)
+        acc_out = torch.zeros(B, T, Hq, v.shape[-1], dtype=cd, device=q.device)
+        acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=cd, device=q.device)
+        held = _Held(sched.carried(r, 0), ring.lengths(r), k, v)
+        calls = 0
+        for t in range(sched.steps):
+            src = (r - t) % W
+            pend, recv_segs = ring.kv_exchange(held, t, (k, v), "forward")
+            for c in sched.calls(r, t):
+                lo, hi = held.rows(c.k_segs)
+                ob, lb = blocks.forward(q[:, c.q_lo:c.q_hi], held.k[:, lo:hi], held.v[:, lo:hi], ring.scale, c.kind,
+                                        ring.mask_for(c, src, held, sched.vis), ring.kernel)
+                blocks.merge_(acc_out[:, c.q_lo:c.q_hi], acc_lse[:, :, c.q_lo:c.q_hi], ob, lb)
+                calls += 1
+            if pend is not None:
+                got = pend.wait()  # always: a send's buffer must outlive its completion
+                if recv_segs:
+                    held = _Held(recv_segs, ring.lengths((r - t - 1) % W), *got)
+        sink_kv = None
+        if ring.sink_pass:
+            n = sched.vis.sinks
+            sink_kv = tuple(comm.broadcast(x[:, :n], 0, ring.stats) for x in (k, v))
+            sink_held = _Held((0,), [n], *sink_kv)
+            for c in _sink_calls(ring, T, n):
+                ob, lb = blocks.forward(q[:, c.q_lo:c.q_hi], sink_kv[0], sink_kv[1], ring.scale, c.kind,
+                                        ring.mask_for(c, -1, sink_held, ring.sink_vis), ring.kernel)
+                blocks.merge_(acc_out[:, c.q_lo:c.q_hi], acc_lse[:, :, c.q_lo:c.q_hi], ob, lb)
+                calls += 1
+        if ring.stats is not None:
+            ring.stats.steps = sched.steps
+            ring.stats.calls = calls
+        out = acc_out.to(q.dtype)
+        ctx.ring = ring
+        ctx.save_for_backward(q, k, v, out, acc_lse, *(sink_kv or ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        ring: _Ring = ctx.ring
+        q, k, v, out, lse, *sink_kv = ctx.saved_tensors
+        comm, sched = ring.comm, ring.sched
+        r, W = comm.rank, comm.world
+        cd = blocks.accum_dtype(q.dtype)
+        dout = dout.contiguous()
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cd, device=q.device)
+        dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+        held = _Held(sched.carried(r, 0), ring.lengths(r), k, v)
+        inflight = []  # every posted exchange, finished before returning (send buffers stay alive)
+        grad_next = None  # (pending, index): the travelling gradient of the shard held at the next step
+        home = None  # (pending, index): our own shard's gradient, coming back from its last step
+
+        def rect_grads(c: Call, src: int, held: _Held, gk: torch.Tensor, gv: torch.Tensor, vis: Visibility) -> None:
+            lo, hi = held.rows(c.k_segs)
+            rows = slice(c.q_lo, c.q_hi)
+            gq, gk_c, gv_c = blocks.backward(dout[:, rows], q[:, rows], held.k[:, lo:hi], held.v[:, lo:hi],
+                                             out[:, rows], lse[:, :, rows], ring.scale, c.kind,
+                                             ring.mask_for(c, src, held, vis), ring.kernel)
+            dq[:, rows] += gq
+            gk[:, lo:hi] += gk_c
+            gv[:, lo:hi] += gv_c
+
+        outbox: list = []
+        for t in range(sched.steps):
+            src = (r - t) % W
+            pend, recv_segs = ring.kv_exchange(held, t, (k, v), "backward")
+            if pend is not None:
+                inflight.append(pend)
+            calls = sched.calls(r, t)
+            if t == 0:
+                for c in calls:
+                    rect_grads(c, src, held, dk, dv, sched.vis)
+            elif t <= sched.last[src]:
+                gsegs = sched.grad_segments(src)
+                gk = torch.zeros(held.k.shape, dtype=cd, device=k.device)
+                gv = torch.zeros(held.v.shape, dtype=cd, device=v.device)
+                for c in calls:
+                    rect_grads(c, src, held, gk, gv, sched.vis)
+                if t >= 2:  # the accumulator arrives from the previous rank
+                    p, i = grad_next
+                    acc_k, acc_v = (x.clone() for x in p.wait()[i:i + 2])
+                else:  # first rank after the owner: start the accumulator
+                    n = sum(ring.lengths(src)[g] for g in gsegs)
+                    acc_k = torch.zeros((k.shape[0], n) + tuple(k.shape[2:]), dtype=cd, device=k.device)
+                    acc_v = torch.zeros((v.shape[0], n) + tuple(v.shape[2:]), dtype=cd, device=v.device)
+                acc = _Held(gsegs, ring.lengths(src), acc_k, acc_v)
+                for g in held.segs:
+                    (a, n), (b, _) = acc.offsets[g], held.offsets[g]
+                    acc_k[:, a:a + n] += gk[:, b:b + n]
+                    acc_v[:, a:a + n] += gv[:, b:b + n]
+                outbox.append((acc_k, acc_v, (r + 1) % W if t < sched.last[src] else src))
+            gp, i_next, i_home = _grad_exchange(ring, t, outbox, k, v, cd)
+            if gp is not None:
+                inflight.append(gp)
+            grad_next = (gp, i_next) if i_next is not None else None
+            if i_home is not None:
+                home = (gp, i_home)
+            if pend is not None:
+                got = pend.wait()
+                if recv_segs:
+                    held = _Held(recv_segs, ring.lengths((r - t - 1) % W), *got)
+        if home is not None:
+            p, i = home
+            rk, rv = p.wait()[i:i + 2]
+            for g, (a, n) in _Held(sched.grad_segments(r), ring.lengths(r), rk, rv).offsets.items():
+                off = sched.segs[r][g].offset
+                dk[:, off:off + n] += rk[:, a:a + n]
+                dv[:, off:off + n] += rv[:, a:a + n]
+        for p in inflight:
+            p.wait()
+        if ring.sink_pass:
+            n = sched.vis.sinks
+            sk, sv = sink_kv
+            gk = torch.zeros(sk.shape, dtype=cd, device=sk.device)
+            gv = torch.zeros(sv.shape, dtype=cd, device=sv.device)
+            sink_held = _Held((0,), [n], sk, sv)
+            for c in _sink_calls(ring, q.shape[1], n):
+                rect_grads(c, -1, sink_held, gk, gv, ring.sink_vis)
+            gk = comm.all_reduce(gk, ring.stats, "backward")
+            gv = comm.all_reduce(gv, ring.stats, "backward")
+            if r == 0:
+                dk[:, :n] += gk
+                dv[:, :n] += gv
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _grad_exchange(ring: _Ring, t: int, outbox: list, k: torch.Tensor, v: torch.Tensor, cd: torch.dtype):
+    """At the end of step t: send the travelling gradients in `outbox` (to the next rank, or home to
+    their owner after their last step), post the receive of the one this rank holds at step t + 1
+    and, at our own shard's last step, the receive of our gradient coming home.
+
+    Returns `(pending or None, index of the next travelling gradient or None, index of ours or None)`:
+    indices into the pending's received tensors (key then value gradient)."""
+    comm, sched = ring.comm, ring.sched
+    r, W = comm.rank, comm.world
+    sends = [(x, dest) for acc_k, acc_v, dest in outbox for x in (acc_k, acc_v)]
+    outbox.clear()
+    recvs: list = []
+
+    def want(src: int, peer: int) -> int:
+        n = sum(ring.lengths(src)[g] for g in sched.grad_segments(src))
+        for x in (k, v):
+            recvs.append(((x.shape[0], n) + tuple(x.shape[2:]), cd, x.device, peer))
+        return len(recvs) - 2
+
+    nxt, nxt_src = t + 1, (r - t - 1) % W
+    i_next = want(nxt_src, (r - 1) % W) if 2 <= nxt < sched.steps and nxt <= sched.last[nxt_src] else None
+    i_home = want(r, (r + sched.last[r]) % W) if W > 1 and sched.last[r] >= 1 and t == sched.last[r] else None
+    if not sends and not recvs:
+        return None, None, None
+    return comm.exchange(sends, recvs, ring.stats, "backward"), i_next, i_home
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+    causal: bool = True,
+    layout: str = "zigzag",
+    window: Optional[int] = None,
+    sinks: int = 0,
+    scale: Optional[float] = None,
+    *,
+    backend: str = "auto",
+    stats: Optional[CommStats] = None,
+) -> torch.Tensor:
+    """Exact attention of a sequence sharded over the ranks of `group`.
+
+    `q: [B, T, Hq, D]`, `k: [B, T, Hkv, D]`, `v: [B, T, Hkv, Dv]` are this rank's shard (`T` local
+    tokens, laid out by `layout`: see `attnkit.distributed.shard`); returns this rank's rows of the
+    output `[B, T, Hq, Dv]`, equal to attention over the whole sequence. `causal` is in global
+    positions. `window` (int) and `sinks` follow the `sliding_window` method (visible iff
+    `|i - j| < window` or `j < sinks`, and causal); shards outside every window are neither
+    computed nor sent. `backend`: `reference`, `flash` (CUDA fp16/bf16) or `auto`. `stats`, if
+    given, receives the bytes this rank sent in forward and backward.
+
+    Every rank must call with equal shapes; a mismatch raises the same `AttnkitError` on all of
+    them. Set a timeout in `init_process_group` so a rank that never calls cannot hang the rest.
+    """
+    comm = Comm(group, "ring_attention")
+    problem, sig = None, [-1] * 9
+    try:
+        check_layout(layout)
+        if backend not in blocks.KERNELS:
+            raise AttnkitError(f"backend: expected one of {blocks.KERNELS}, got {backend!r}")
+        call = validate_attention(q, k, v, causal=causal, scale=scale)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise AttnkitError(f"window: expected None or an int >= 1, got {window!r}")
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise AttnkitError(f"sinks: expected an int >= 0, got {sinks!r}")
+        if call.tq != call.tk:
+            raise AttnkitError(f"k: expected a key shard as long as the query shard ({call.tq}), got {call.tk}")
+        per = chunks_per_rank(layout)
+        if call.tq % per:
+            raise AttnkitError(f"q: layout {layout!r} needs a local length divisible by {per}, got {call.tq}")
+        sig = [call.batch, call.tq, call.hq, call.hkv, call.head_dim, call.head_dim_v, dtype_code(call.dtype),
+               -1 if window is None else window, sinks]
+    except AttnkitError as e:
+        problem = str(e)
+    comm.agree(problem, sig, lambda s: (f"q [B={s[0]}, T={s[1]}, Hq={s[2]}, D={s[4]}], k/v Hkv={s[3]}, Dv={s[5]}, "
+                                        f"dtype {dtype_name(s[6])}, window={None if s[7] < 0 else s[7]}, sinks={s[8]}"))
+    T = q.shape[1]
+    first_chunk = segments(layout, comm.world, 0, T)[0].length
+    sink_pass = window is not None and 0 < sinks <= first_chunk
+    vis = Visibility(causal=causal, window=window, sinks=sinks, exclude_sinks=sink_pass)
+    sched = RingSchedule(comm.world, T, layout, vis)
+    ring = _Ring(comm, sched, call.scale, backend, sink_pass, stats)
+    return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), ring)

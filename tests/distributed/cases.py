@@ -1,0 +1,114 @@
+"""The checks each spawned world runs, and their inputs and float64 oracles (computed in the parent).
+
+One spawned process group per world size runs every case, so the folder stays fast on a 2-core
+CI machine; each case is still reported as its own pytest test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from attnkit.core import masks, naive_attention
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    op: str  # "ring", "ulysses", "hybrid", "bad_shard", "few_heads"
+    layout: str = "zigzag"
+    causal: bool = True
+    window: Optional[int] = None
+    sinks: int = 0
+    B: int = 1
+    T: int = 16
+    hq: int = 4
+    hkv: int = 2
+    d: int = 8
+    dtype: torch.dtype = torch.float64
+    method: str = "dense"
+    options: dict[str, Any] = field(default_factory=dict)
+    ulysses_size: int = 1
+    seed: int = 0
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """Global q [B, T, Hq, D], k, v [B, T, Hkv, D] and dout [B, T, Hq, D], same on every process."""
+        g = torch.Generator().manual_seed(self.seed)
+        shapes = [(self.B, self.T, self.hq, self.d), (self.B, self.T, self.hkv, self.d),
+                  (self.B, self.T, self.hkv, self.d), (self.B, self.T, self.hq, self.d)]
+        return tuple(torch.randn(s, generator=g, dtype=torch.float64).to(self.dtype) for s in shapes)
+
+    def mask(self) -> Optional[masks.Mask]:
+        window = self.options.get("window", self.window)
+        sinks = self.options.get("sinks", self.sinks)
+        if window is None:
+            return None
+        m = masks.sliding_window(window)
+        return m | masks.sinks(sinks) if sinks else m
+
+
+def reference(case: Case, compute_dtype: Optional[torch.dtype] = torch.float64) -> dict[str, torch.Tensor]:
+    """Single-process attention over the whole sequence: output and gradients of q, k, v."""
+    q, k, v, do = case.inputs()
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    out, _ = naive_attention(q, k, v, causal=case.causal, mask=case.mask(), compute_dtype=compute_dtype)
+    out.backward(do.to(out.dtype))
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def _ring(name: str, **kw: Any) -> Case:
+    return Case(name, "ring", **kw)
+
+
+CASES: dict[int, list[Case]] = {
+    2: [
+        _ring("ring_zigzag_causal_gqa", layout="zigzag", causal=True, B=2),
+        _ring("ring_zigzag_noncausal", layout="zigzag", causal=False, hkv=4),
+        _ring("ring_contiguous_causal_mqa", layout="contiguous", causal=True, hkv=1),
+        _ring("ring_contiguous_noncausal_gqa", layout="contiguous", causal=False),
+        _ring("ring_zigzag_causal_full", layout="zigzag", causal=True, T=32),
+        _ring("ring_zigzag_causal_window", layout="zigzag", causal=True, T=32, window=4),
+        _ring("ring_contiguous_causal_window_sinks", layout="contiguous", causal=True, window=5, sinks=2),
+        _ring("ring_zigzag_causal_window_sinks", layout="zigzag", causal=True, window=3, sinks=2),
+        _ring("ring_zigzag_noncausal_window", layout="zigzag", causal=False, window=4),
+        _ring("ring_zigzag_causal_fp32", layout="zigzag", causal=True, dtype=torch.float32),
+        Case("ulysses_dense_causal_gqa", "ulysses", layout="contiguous", causal=True),
+        Case("ulysses_dense_noncausal_zigzag", "ulysses", layout="zigzag", causal=False, hkv=4),
+        Case("ulysses_sliding_window_mqa", "ulysses", layout="contiguous", causal=True, hkv=1,
+             method="sliding_window", options={"window": 3, "sinks": 1}),
+        Case("hybrid_u2_r1_zigzag_causal", "hybrid", layout="zigzag", causal=True, ulysses_size=2),
+        Case("bad_shard", "bad_shard", layout="zigzag"),
+        Case("few_heads", "few_heads", layout="contiguous", hq=1, hkv=1),
+    ],
+    4: [
+        _ring("ring_zigzag_causal_gqa", layout="zigzag", causal=True),
+        _ring("ring_contiguous_noncausal_mqa", layout="contiguous", causal=False, hkv=1),
+        _ring("ring_contiguous_causal_full", layout="contiguous", causal=True, T=32),
+        _ring("ring_contiguous_causal_window_sinks", layout="contiguous", causal=True, T=32, window=4, sinks=2),
+        _ring("ring_zigzag_causal_window_sinks_circulate", layout="zigzag", causal=True, window=3, sinks=3),
+        Case("ulysses_dense_causal_zigzag_gqa", "ulysses", layout="zigzag", causal=True),
+        Case("ulysses_sliding_window", "ulysses", layout="contiguous", causal=True, hkv=4,
+             method="sliding_window", options={"window": 5, "sinks": 2}),
+        Case("hybrid_u2_r2_zigzag_causal_mqa", "hybrid", layout="zigzag", causal=True, hkv=1, ulysses_size=2),
+        Case("hybrid_u2_r2_contiguous_noncausal_window", "hybrid", layout="contiguous", causal=False, window=3,
+             sinks=1, ulysses_size=2),
+        Case("bad_shard", "bad_shard", layout="contiguous"),
+        Case("few_heads", "few_heads", layout="contiguous", hq=2, hkv=1),
+    ],
+}
+
+# Window-aware ring vs the full ring on the same shapes, with the forward bytes (summed over ranks)
+# each must send. A shard's K and V: B * T/W * Hkv * D * 8 bytes each (float64).
+#  W=2 zigzag, T=32: shard 4096 B. Full causal: rank 0 sends chunk 0 (rank 1 never sees chunk 3),
+#    rank 1 sends both chunks: 1.5 shards. Window 4: each rank needs one neighbouring chunk: 1 shard.
+#  W=4 contiguous, T=32: shard 2048 B. Full causal: shard r travels W-1-r hops: 3+2+1 = 6 shards.
+#    Window 4 reaches only the previous shard: 3 hops, plus the 2 sink tokens broadcast to 3 ranks
+#    (3 * 2 tokens * Hkv 2 * D 8 * 8 B * 2 = 1536 B).
+BYTES_PAIRS = {
+    2: dict(windowed="ring_zigzag_causal_window", full="ring_zigzag_causal_full", windowed_steps=2, full_steps=2,
+            windowed_bytes=4096, full_bytes=6144),
+    4: dict(windowed="ring_contiguous_causal_window_sinks", full="ring_contiguous_causal_full", windowed_steps=2,
+            full_steps=4, windowed_bytes=3 * 2048 + 1536, full_bytes=6 * 2048),
+}
