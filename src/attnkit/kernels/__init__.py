@@ -1,1 +1,58 @@
-"""kernels: see DESIGN.md section 2."""
+"""kernels: attnkit's Triton kernels, their `torch.library` custom ops and autograd glue.
+
+Nothing here imports Triton at `import attnkit` time (DESIGN.md section 2): `load()` imports the
+kernel modules on first use. With `TRITON_INTERPRET=1` set when `load()` first runs, the kernels
+are built for Triton's CPU interpreter and accept CPU tensors (CI runs them that way at tiny
+shapes); otherwise they need CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import Optional
+
+_STATE: dict[str, object] = {}
+
+
+def triton_missing() -> Optional[str]:
+    """None when Triton can be imported, else the reason."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    return None
+
+
+def load() -> ModuleType:
+    """Import the sparse-attention op module (and Triton) once; return it."""
+    mod = _STATE.get("sparse")
+    if mod is None:
+        reason = triton_missing()
+        if reason:
+            raise RuntimeError(reason)
+        _STATE["interpreted"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        mod = importlib.import_module(".sparse", __name__)
+        _STATE["sparse"] = mod
+    return mod  # type: ignore[return-value]
+
+
+def interpreted() -> bool:
+    """Whether the loaded kernels run in Triton's CPU interpreter (False before `load()`)."""
+    return bool(_STATE.get("interpreted", False))
+
+
+def loaded() -> bool:
+    return "sparse" in _STATE
+
+
+def device_ok(device_type: str) -> Optional[str]:
+    """None when the Triton kernels can run on tensors of this device type, else the reason."""
+    reason = triton_missing()
+    if reason:
+        return reason
+    if device_type == "cuda":
+        return "kernels were loaded for the CPU interpreter (TRITON_INTERPRET=1)" if interpreted() else None
+    if device_type == "cpu" and (interpreted() or (not loaded() and os.environ.get("TRITON_INTERPRET") == "1")):
+        return None
+    return f"needs CUDA tensors (inputs are on {device_type}; TRITON_INTERPRET=1 runs the kernels on the CPU)"

@@ -9,6 +9,7 @@ import torch
 from ..core.contract import AttnkitError, validate_attention
 from ..core.masks import Mask
 from ._backends import run_reference
+from ._flex import flex_why_not_mask, run_flex_mask
 
 
 def masked_attention(
@@ -26,12 +27,19 @@ def masked_attention(
     """Attention where key j is visible to query i iff `mask(b, h, i, j)` (and causality).
 
     `mask` is a predicate from `attnkit.core.masks` (compose with `&`, `|`, `~`); it is evaluated
-    tile by tile, never as a `Tq x Tk` tensor. Backend: `reference` (the `flex` and `triton`
-    backends arrive with the GPU executors).
+    tile by tile, never as a `Tq x Tk` tensor. Backends: `flex` (FlexAttention with a block mask
+    compiled from the predicate, CUDA only, no varlen) and `reference`; `auto` takes `flex` on
+    CUDA when it can serve the call.
     """
     call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
     if not isinstance(mask, Mask):
         raise AttnkitError(f"mask: expected an attnkit.core.masks.Mask predicate, got {type(mask).__name__}")
-    if backend not in ("auto", "reference"):
-        raise AttnkitError(f"backend: expected 'auto' or 'reference', got {backend!r}")
+    if backend not in ("auto", "flex", "reference"):
+        raise AttnkitError(f"backend: expected 'auto', 'flex' or 'reference', got {backend!r}")
+    if backend == "flex" or (backend == "auto" and call.device.type == "cuda"):
+        reason = flex_why_not_mask(call, mask)
+        if reason is None:
+            return run_flex_mask(call, mask)
+        if backend == "flex":
+            raise AttnkitError(f"backend: 'flex' cannot serve this call: {reason}")
     return run_reference(call, mask=mask)

@@ -1,0 +1,183 @@
+"""The `flex` backend: `torch.nn.attention.flex_attention` for block-level selections and masks.
+
+A `KVSelection` becomes a FlexAttention `BlockMask` directly from its indices (`from_kv_blocks`),
+never through a dense `Tq x Tk` mask: selected blocks strictly below the causal diagonal (and
+inside the sequence) are *full* blocks that skip the mask function; the others are *partial*
+blocks where the token rule (bottom-right causal, plus an optional mask predicate) runs. Blocks
+that causality hides completely are dropped. A mask predicate alone becomes a BlockMask through
+`create_block_mask` (compiled, evaluated block by block, cached per mask and shape).
+
+FlexAttention is compiled once (`torch.compile(flex_attention)`), and torch.compile caches one
+kernel per shape. CUDA only; no varlen; selection blocks must be multiples of 128 (FlexAttention's
+sparse block size).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..core.contract import AttentionCall
+from ..core.masks import Mask
+from ..core.selection import KVSelection, cdiv
+from ._backends import finish
+
+FLEX_BLOCK = 128
+_STATE: dict[str, Any] = {}
+_MASK_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
+_MASK_CACHE_SIZE = 32
+
+
+def flex_missing() -> Optional[str]:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the torch build
+        return f"torch.nn.attention.flex_attention unavailable ({exc})"
+    return None
+
+
+def _common_why_not(call: AttentionCall) -> Optional[str]:
+    reason = flex_missing()
+    if reason:
+        return reason
+    if call.device.type != "cuda":
+        return f"FlexAttention backend runs on CUDA only (inputs are on {call.device.type})"
+    if call.dtype == torch.float64:
+        return "dtype fp64 not supported (fp16, bf16, fp32)"
+    if call.varlen:
+        return "no varlen (cu_seqlens) support in the flex backend"
+    return None
+
+
+def flex_why_not_selection(call: AttentionCall, selection: KVSelection, mask: Optional[Mask] = None) -> Optional[str]:
+    """None when the flex backend can serve this sparse call, else the reason."""
+    reason = _common_why_not(call)
+    if reason:
+        return reason
+    if selection.q_block % FLEX_BLOCK or selection.k_block % FLEX_BLOCK:
+        return (f"selection blocks (q_block={selection.q_block}, k_block={selection.k_block}) must be multiples "
+                f"of FlexAttention's block size {FLEX_BLOCK}")
+    return None
+
+
+def flex_why_not_mask(call: AttentionCall, mask: Mask) -> Optional[str]:
+    return _common_why_not(call)
+
+
+def _mask_mod(causal: bool, shift: int, mask: Optional[Mask], blocks: Optional[torch.Tensor] = None,
+              q_block: int = 1, k_block: int = 1) -> Optional[Callable]:
+    """FlexAttention mask_mod for the token rule: bottom-right causal (`shift = Tk - Tq`), a predicate,
+    and membership in the selection (`blocks [B, H|1, Nq, Nk]` bool). FlexAttention runs it only
+    inside partial blocks; it is also the whole truth for FlexAttention's eager (debug) path."""
+    if not causal and mask is None and blocks is None:
+        return None
+    per_head = blocks is not None and blocks.shape[1] > 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qp = q_idx + shift
+        ok = kv_idx <= qp if causal else None
+        if mask is not None:
+            m = mask.fn(b, h, qp, kv_idx)
+            ok = m if ok is None else (ok & m)
+        if blocks is not None:
+            m = blocks[b, h if per_head else 0, q_idx // q_block, kv_idx // k_block]
+            ok = m if ok is None else (ok & m)
+        return ok
+
+    return mask_mod
+
+
+def _compact(ids: torch.Tensor, keep: torch.Tensor, nk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of block ids where `keep`: `(count int32 [..], ids int32 [.., nk])`, kept ids first,
+    ascending, then zero padding."""
+    key = torch.where(keep, ids, ids.clamp_min(0) + nk)
+    srt = key.sort(dim=-1).values
+    width = srt.shape[-1]
+    if width < nk:
+        srt = torch.cat([srt, srt.new_full((*srt.shape[:-1], nk - width), 2 * nk)], dim=-1)
+    srt = srt[..., :nk]
+    count = keep.sum(-1).to(torch.int32)
+    return count, torch.where(srt < nk, srt, torch.zeros_like(srt)).to(torch.int32).contiguous()
+
+
+def selection_block_mask(selection: KVSelection, batch: int, hq: int, hkv: int, tq: int, tk: int, causal: bool,
+                         mask: Optional[Mask] = None):
+    """A FlexAttention BlockMask equal to `selection` (plus causality and `mask`), built from the
+    indices in O(B * H * Nq * Nk / block) work, never from a `Tq x Tk` mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    qb, kb = selection.q_block, selection.k_block
+    idx = selection.indices.long()
+    hs = idx.shape[1]
+    if hs != hq and hs != 1:  # shared by a KV group: one row per query head
+        idx = idx.repeat_interleave(hq // hkv, dim=1)
+    nq, nk = cdiv(tq, qb), cdiv(tk, kb)
+    shift = tk - tq
+    valid = idx >= 0
+    qi = torch.arange(nq, device=idx.device).view(1, 1, nq, 1)
+    last_q = torch.clamp_max((qi + 1) * qb, tq) - 1 + shift  # last query of the block, key coordinates
+    if causal:
+        valid &= idx * kb <= last_q
+    if mask is None:
+        full = valid & ((idx + 1) * kb <= tk) & ((qi + 1) * qb <= tq)
+        if causal:
+            full &= (idx + 1) * kb - 1 <= qi * qb + shift
+    else:
+        full = torch.zeros_like(valid)
+    part_n, part_i = _compact(idx, valid & ~full, nk)
+    full_n, full_i = _compact(idx, full, nk)
+    kwargs = {}
+    if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        kwargs["seq_lengths"] = (tq, tk)
+    blocks = KVSelection(idx.to(torch.int32), qb, kb).to_dense_blocks(nk)  # [B, H|1, Nq, Nk]: O((T / block)^2)
+    return BlockMask.from_kv_blocks(part_n, part_i, full_n, full_i, BLOCK_SIZE=(qb, kb),
+                                    mask_mod=_mask_mod(causal, shift, mask, blocks, qb, kb), **kwargs)
+
+
+def predicate_block_mask(mask: Mask, batch: int, hq: int, tq: int, tk: int, causal: bool, device: torch.device):
+    """A BlockMask for a mask predicate (compiled `create_block_mask`, cached per mask and shape)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (mask.name, batch, hq if mask.head_dependent else 1, tq, tk, causal, str(device))
+    bm = _MASK_CACHE.get(key)
+    if bm is None:
+        bm = create_block_mask(_mask_mod(causal, tk - tq, mask), batch, key[2], tq, tk, device=device,
+                               BLOCK_SIZE=FLEX_BLOCK, _compile=True)
+        _MASK_CACHE[key] = bm
+        while len(_MASK_CACHE) > _MASK_CACHE_SIZE:
+            _MASK_CACHE.popitem(last=False)
+    else:
+        _MASK_CACHE.move_to_end(key)
+    return bm
+
+
+def compiled_flex() -> Callable:
+    """`torch.compile(flex_attention)`, built once per process (kernels cached per shape)."""
+    fn = _STATE.get("flex")
+    if fn is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = torch.compile(flex_attention, dynamic=False)
+        _STATE["flex"] = fn
+    return fn
+
+
+def run_flex_block_mask(call: AttentionCall, block_mask, flex: Optional[Callable] = None) -> Any:
+    """FlexAttention over `[B, T, H, D]` inputs with a prepared BlockMask; `(out, lse)` per the call."""
+    flex = flex or compiled_flex()
+    out, lse = flex(call.q.transpose(1, 2), call.k.transpose(1, 2), call.v.transpose(1, 2), block_mask=block_mask,
+                    scale=call.scale, enable_gqa=call.hq != call.hkv, return_lse=True)
+    return finish(call, out.transpose(1, 2), lse.float())
+
+
+def run_flex_selection(call: AttentionCall, selection: KVSelection, mask: Optional[Mask] = None) -> Any:
+    bm = selection_block_mask(selection, call.batch, call.hq, call.hkv, call.tq, call.tk, call.causal, mask)
+    return run_flex_block_mask(call, bm)
+
+
+def run_flex_mask(call: AttentionCall, mask: Mask) -> Any:
+    bm = predicate_block_mask(mask, call.batch, call.hq, call.tq, call.tk, call.causal, call.device)
+    return run_flex_block_mask(call, bm)
