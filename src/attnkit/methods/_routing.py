@@ -1,0 +1,188 @@
+"""Shared plumbing of the selection policies (MoBA, NSA, DSA, block top-k, power, stochastic).
+
+- `SeqView`: the inputs seen per sequence. Varlen inputs (`cu_seqlens`, B == 1) are unpacked into
+  a padded batch `[N, L, ...]` so one vectorised policy serves both layouts; block ids are then
+  local to each sequence, as `KVSelection` requires under varlen.
+- `block_mean`: mean over the existing keys (or queries) of each block, padding excluded.
+- `compact_rows`: sort selection rows ascending, -1 padding last, and trim the width.
+- `register_selection`: register a method as "selection policy + shared sparse executor".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..core.contract import AttentionCall, OptionError
+from ..core.selection import KVSelection, cdiv
+from ..ops._backends import run_reference
+from ..registry import Backend, Capabilities, MethodSpec, register
+
+SelectFn = Callable[[AttentionCall, Any], KVSelection]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Packing:
+    """Maps packed varlen tensors `[1, T, ...]` to a padded batch `[N, L, ...]` and back."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, device: torch.device) -> None:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        self.lengths = cu[1:] - cu[:-1]  # [N]
+        self.total = int(cu[-1])
+        self.max_len = max(1, int(self.lengths.max()))
+        pos = torch.arange(self.max_len, device=device)
+        self.valid = pos.unsqueeze(0) < self.lengths.unsqueeze(1)  # [N, L]
+        self.index = (cu[:-1].unsqueeze(1) + pos).clamp_max(max(self.total - 1, 0))  # [N, L]
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """`[1, T, ...]` -> `[N, L, ...]`, zeros past each sequence's end (differentiable)."""
+        out = x[0][self.index]
+        keep = self.valid.view(*self.valid.shape, *([1] * (out.dim() - 2)))
+        return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        """`[N, L, ...]` -> `[1, T, ...]` (differentiable)."""
+        return y[self.valid].unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class SeqView:
+    """Per-sequence inputs of a selection policy.
+
+    `q: [N, Tq, Hq, D]`, `k: [N, Tk, Hkv, D]`; query row i sits at key position `i + offset`
+    (bottom-right alignment; 0 under varlen); `k_len: [N]` int64 valid keys per sequence (Tk
+    without varlen). Rows and keys past a sequence's end are padding.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    offset: int
+    k_len: torch.Tensor
+    causal: bool
+    packing: Optional[Packing]
+
+    @property
+    def tq(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def tk(self) -> int:
+        return self.k.shape[1]
+
+    def q_pos(self) -> torch.Tensor:
+        """Aligned query positions `[Tq]` int64."""
+        return torch.arange(self.tq, device=self.q.device) + self.offset
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Bring a per-token tensor `[B, T, ...]` (an indexer input, a gate) into the view's layout."""
+        return x if self.packing is None else self.packing.pad(x)
+
+
+def seq_view(call: AttentionCall) -> SeqView:
+    """Detached per-sequence view of a validated call (selection never carries gradients)."""
+    q, k = call.q.detach(), call.k.detach()
+    if call.cu_seqlens is None:
+        k_len = torch.full((call.batch,), call.tk, dtype=torch.int64, device=q.device)
+        return SeqView(q, k, call.tk - call.tq, k_len, call.causal, None)
+    packing = Packing(call.cu_seqlens, q.device)
+    return SeqView(packing.pad(q), packing.pad(k), 0, packing.lengths, call.causal, packing)
+
+
+def block_mean(x: torch.Tensor, block: int, lengths: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Mean over the existing rows of each block: `x [N, T, H, D]`, `lengths [N]` -> `[N, ceil(T/block), H, D]`.
+
+    Rows at or past `lengths[n]` are excluded; a block with no row gives 0. Differentiable."""
+    N, T, H, D = x.shape
+    nb = cdiv(T, block)
+    x = x.to(dtype or compute_dtype(x.dtype))
+    valid = torch.arange(nb * block, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)  # [N, nb*block]
+    pad = torch.zeros(N, nb * block - T, H, D, dtype=x.dtype, device=x.device)
+    xs = torch.where(valid.view(N, -1, 1, 1), torch.cat([x, pad], 1), torch.zeros((), dtype=x.dtype, device=x.device))
+    sums = xs.view(N, nb, block, H, D).sum(2)
+    counts = valid.view(N, nb, block).sum(-1).clamp_min(1).to(x.dtype)  # [N, nb]
+    return sums / counts.view(N, nb, 1, 1)
+
+
+def compact_rows(idx: torch.Tensor, max_width: int, rows_per_chunk: int = 1 << 14) -> torch.Tensor:
+    """Sort each row ascending with -1 padding last; keep at most `max(1, max_width)` columns.
+
+    `idx: [..., R, S]` rows must be free of duplicates among valid (>= 0) ids. Returns int32,
+    contiguous; works in chunks of rows so long selections (DSA at T = 64K) stay O(T * S)."""
+    width = max(1, min(max_width, idx.shape[-1]))
+    out = torch.empty(*idx.shape[:-1], width, dtype=torch.int32, device=idx.device)
+    big = torch.iinfo(torch.int32).max
+    for r0 in range(0, idx.shape[-2], rows_per_chunk):
+        part = idx[..., r0 : r0 + rows_per_chunk, :].to(torch.int32)
+        key = part.masked_fill(part < 0, big).sort(dim=-1).values[..., :width]
+        out[..., r0 : r0 + rows_per_chunk, :] = key.masked_fill(key == big, -1)
+    return out
+
+
+def num_blocks(view: SeqView, block: int) -> int:
+    return cdiv(view.tk, block)
+
+
+# --- option checks ------------------------------------------------------------------------------
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def check_tensor_type(name: str, value: object, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        want = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise OptionError(f"{name}: expected {want}, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise OptionError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+
+
+def check_tensor_shape(name: str, value: torch.Tensor, shape: tuple[int, ...], layout: str, call: AttentionCall) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise OptionError(f"{name}: expected shape {layout} = {tuple(shape)}, got {tuple(value.shape)}")
+    if value.device != call.device:
+        raise OptionError(f"{name}: expected device {call.device} (same as q), got {value.device}")
+
+
+# --- registration -------------------------------------------------------------------------------
+
+
+def register_selection(
+    *,
+    name: str,
+    family: str,
+    paper: str,
+    summary: str,
+    options: type,
+    select: SelectFn,
+    example: Callable[[AttentionCall], dict[str, Any]],
+    capabilities: Capabilities = Capabilities(),
+    tier: int = 1,
+) -> MethodSpec:
+    """Register a method whose visibility is `select(call, opts)` run by the shared sparse executor."""
+
+    def reference(call: AttentionCall, opts: Any) -> Any:
+        return run_reference(call, selection=select(call, opts))
+
+    return register(
+        MethodSpec(
+            name=name,
+            family=family,
+            paper=paper,
+            summary=summary,
+            options=options,
+            capabilities=capabilities,
+            backends=(Backend("reference", reference),),
+            docs=f"docs/methods/{name}.md",
+            tier=tier,
+            example=example,
+        )
+    )

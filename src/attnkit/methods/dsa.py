@@ -1,0 +1,209 @@
+"""`dsa`: DeepSeek Sparse Attention (DeepSeek-V3.2; via MISA and StreamIndex).
+
+A lightning indexer scores every causal key for every query,
+    `I[i, j] = sum_h w[i, h] * relu(q_idx[i, h] . k_idx[j])`,
+with `q_idx [B, Tq, Hi, Di]`, one `k_idx [B, Tk, Di]` shared by the indexer heads and
+`w [B, Tq, Hi]`; each query attends to its `topk` causal keys by `I`, shared by all attention
+heads. Top-k is streaming (`core.topk`): scores are made tile by tile and never form `[Tq, Tk]`.
+
+`indexer_loss` is how DeepSeek trains the indexer: the KL divergence from the main attention's
+distribution over the selected keys (summed over heads, L1-normalised) to the indexer's softmax
+over the same keys. The target is detached; gradients reach `q_idx`, `k_idx` and `w` only.
+
+Selection: `KVSelection(indices [B, 1, Tq, min(topk, Tk)], q_block=1, k_block=1)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..core.contract import AttentionCall, AttnkitError, OptionError, validate_attention
+from ..core.selection import KVSelection
+from ..core.topk import streaming_topk, tile_sizes
+from ..ops.sparse import validate_selection
+from ..registry import MethodOptions
+from ._routing import (SeqView, check_int, check_tensor_shape, check_tensor_type, compact_rows, compute_dtype,
+                       register_selection, seq_view)
+
+
+@dataclass(frozen=True)
+class DsaOptions(MethodOptions):
+    topk: int
+    q_idx: torch.Tensor  # [B, Tq, Hi, Di]
+    k_idx: torch.Tensor  # [B, Tk, Di]
+    w: torch.Tensor  # [B, Tq, Hi]
+
+    def __post_init__(self) -> None:
+        check_int("topk", self.topk, 1)
+        for name in ("q_idx", "k_idx", "w"):
+            check_tensor_type(name, getattr(self, name))
+
+    def check_call(self, call: AttentionCall) -> None:
+        if self.q_idx.dim() != 4:
+            raise OptionError(f"q_idx: expected 4 dims [B, Tq, Hi, Di], got shape {tuple(self.q_idx.shape)}")
+        hi, di = self.q_idx.shape[2], self.q_idx.shape[3]
+        if hi < 1 or di < 1:
+            raise OptionError(f"q_idx: expected Hi >= 1 and Di >= 1, got shape {tuple(self.q_idx.shape)}")
+        check_tensor_shape("q_idx", self.q_idx, (call.batch, call.tq, hi, di), "[B, Tq, Hi, Di]", call)
+        check_tensor_shape("k_idx", self.k_idx, (call.batch, call.tk, di), "[B, Tk, Di]", call)
+        check_tensor_shape("w", self.w, (call.batch, call.tq, hi), "[B, Tq, Hi]", call)
+
+
+class _Indexer:
+    """Lightning-indexer scores of a view, tile by tile: `I [N, R, C]` in the compute dtype."""
+
+    def __init__(self, view: SeqView, q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor) -> None:
+        cd = compute_dtype(view.q.dtype)
+        self.view = view
+        self.q_idx = view.pad(q_idx.detach()).to(cd)  # [N, Tq, Hi, Di]
+        self.k_t = view.pad(k_idx.detach()).to(cd).transpose(1, 2).contiguous()  # [N, Di, Tk]
+        self.w = view.pad(w.detach()).to(cd).unsqueeze(2)  # [N, Tq, 1, Hi]
+        self.q_pos = view.q_pos()
+        self.hi = self.q_idx.shape[2]
+        self.shortest = int(view.k_len.min())  # keys past it need the length mask (varlen only)
+
+    def __call__(self, rows: slice, cols: slice) -> torch.Tensor:
+        N, R = self.q_idx.shape[0], rows.stop - rows.start
+        qi = self.q_idx[:, rows].reshape(N, R * self.hi, -1)  # [N, R*Hi, Di]
+        s = torch.matmul(qi, self.k_t[:, :, cols]).relu_()  # [N, R*Hi, C]
+        C = s.shape[-1]
+        s = torch.bmm(self.w[:, rows].reshape(N * R, 1, self.hi), s.view(N * R, self.hi, C)).view(N, R, C)
+        # only tiles crossing the diagonal (or a sequence end) need a mask
+        crosses_diagonal = self.view.causal and cols.stop - 1 > rows.start + self.view.offset
+        if crosses_diagonal or cols.stop > self.shortest:
+            j = torch.arange(cols.start, cols.stop, device=s.device).view(1, 1, -1)
+            visible = j < self.view.k_len.view(-1, 1, 1)
+            if self.view.causal:
+                visible = visible & (j <= self.q_pos[rows].view(1, -1, 1))
+            s = s.masked_fill_(~visible, float("-inf"))
+        return s
+
+
+def policy(call: AttentionCall, opts: DsaOptions) -> KVSelection:
+    """The DSA selection of a validated call (no gradients)."""
+    view = seq_view(call)
+    with torch.no_grad():
+        indexer = _Indexer(view, opts.q_idx, opts.k_idx, opts.w)
+        N, Tq, Tk = view.q.shape[0], view.tq, view.tk
+        row_chunk, col_chunk = tile_sizes(Tq, Tk, elems_per_pair=N * (indexer.hi + 2))
+
+        def col_stop(rows: slice) -> int:
+            return rows.stop + view.offset if view.causal else Tk
+
+        _, idx = streaming_topk(indexer, (N,), Tq, Tk, opts.topk, row_chunk=row_chunk, col_chunk=col_chunk,
+                                col_stop=col_stop, dtype=compute_dtype(call.dtype), device=view.q.device)
+    return KVSelection(compact_rows(idx.unsqueeze(1), opts.topk), q_block=1, k_block=1)
+
+
+def select(q: torch.Tensor, k: torch.Tensor, *, topk: int, q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor,
+           causal: bool = True, cu_seqlens: Optional[torch.Tensor] = None) -> KVSelection:
+    """DSA's selection: per query, the `topk` causal keys by the lightning-indexer score, shared by
+    all heads. `q`, `k` give the shapes and layout; the scores come from `q_idx`, `k_idx`, `w`.
+
+    Returns `KVSelection(indices int32 [B (N under varlen), 1, Tq, min(topk, Tk)], 1, 1)`."""
+    call = validate_attention(q, k, k, causal=causal, cu_seqlens=cu_seqlens)
+    opts = DsaOptions(topk, q_idx, k_idx, w)
+    opts.check_call(call)
+    return policy(call, opts)
+
+
+def indexer_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    topk: Optional[int] = None,
+    selection: Optional[KVSelection] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """DeepSeek's indexer training loss: `sum_i KL(p_i || softmax(I[i, S_i]))` over queries i.
+
+    `S_i` is the query's selected key set (`selection`, or `select(..., topk=topk)` when None),
+    restricted to causal keys. The target `p_i` is the main attention's probability over `S_i`
+    (softmax of `q . k * scale` over `S_i` per head), summed over the `Hq` heads and L1-normalised,
+    and is detached: the loss trains the indexer (`q_idx`, `k_idx`, `w`), not `q`, `k`.
+    `reduction`: "sum" over queries (the paper's), or "mean" over queries that see a key.
+    Memory is O(T * |S|): keys are gathered per selected index, never `[Tq, Tk]`.
+    """
+    call = validate_attention(q, k, k, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
+    if reduction not in ("sum", "mean"):
+        raise AttnkitError(f"reduction: expected 'sum' or 'mean', got {reduction!r}")
+    if selection is None and topk is None:
+        raise AttnkitError("topk: required when no selection is given (or pass selection=)")
+    opts = DsaOptions(1 if topk is None else topk, q_idx, k_idx, w)
+    opts.check_call(call)
+    if selection is None:
+        selection = policy(call, opts)
+    validate_selection(call, selection)
+    if selection.q_block != 1 or selection.k_block != 1 or selection.num_heads != 1:
+        raise AttnkitError(
+            f"selection: expected a token-level selection shared by all heads (q_block=1, k_block=1, Hsel=1), got "
+            f"q_block={selection.q_block}, k_block={selection.k_block}, Hsel={selection.num_heads}"
+        )
+    view = seq_view(call)
+    cd = compute_dtype(call.dtype)
+    qi, ki, wi = view.pad(q_idx).to(cd), view.pad(k_idx).to(cd), view.pad(w).to(cd)  # differentiable
+    N, Tq, Hq, D = view.q.shape
+    Hkv, S = view.k.shape[2], selection.width
+    idx = selection.indices.to(torch.int64)[:, 0]  # [N, Tq, S]
+    q_pos = view.q_pos().view(1, -1, 1)
+    valid = (idx >= 0) & (idx < view.k_len.view(-1, 1, 1))
+    if call.causal:
+        valid = valid & (idx <= q_pos)
+    if view.packing is not None:
+        valid = valid & view.packing.valid.unsqueeze(-1)
+    safe = idx.clamp_min(0)
+    batch = torch.arange(N, device=idx.device).view(-1, 1, 1)
+    total = torch.zeros((), dtype=cd, device=idx.device)
+    row_chunk = max(1, (1 << 22) // max(1, N * S * (Hkv * D + Hq + qi.shape[2] + ki.shape[-1])))
+    for r0 in range(0, Tq, row_chunk):
+        rows = slice(r0, min(r0 + row_chunk, Tq))
+        sel, ok = safe[:, rows], valid[:, rows]  # [N, R, S]
+        b = batch.expand_as(sel)
+        with torch.no_grad():  # target: main attention over the selected keys, mean over heads
+            kg = view.k[b, sel].to(cd)  # [N, R, S, Hkv, D]
+            qc = view.q[:, rows].to(cd).view(N, -1, Hkv, Hq // Hkv, D)
+            logits = torch.einsum("nrkgd,nrskd->nrkgs", qc, kg) * call.scale
+            logits = logits.masked_fill(~ok.view(N, -1, 1, 1, S), float("-inf"))
+            p = torch.softmax(logits, -1).nan_to_num(0.0).mean(dim=(2, 3))  # [N, R, S]
+        rel = torch.einsum("nrhd,nrsd->nrhs", qi[:, rows], ki[b, sel]).relu()  # [N, R, Hi, S]
+        score = torch.einsum("nrh,nrhs->nrs", wi[:, rows], rel).masked_fill(~ok, float("-inf"))
+        score = score.masked_fill(~ok.any(-1, keepdim=True), 0.0)  # rows without a key: no NaN
+        log_q = torch.log_softmax(score, -1)
+        kl = torch.xlogy(p, p) - p * torch.where(ok, log_q, torch.zeros_like(log_q))
+        total = total + kl.sum()
+    if reduction == "mean":
+        counted = valid.any(-1).sum().clamp_min(1)
+        total = total / counted.to(cd)
+    return total
+
+
+def _example(call: AttentionCall) -> dict[str, Any]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hi, di = 4, 16
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(device=call.device, dtype=call.dtype)  # noqa: E731
+    return {
+        "topk": max(1, min(2048, call.tk // 8)),
+        "q_idx": mk(call.batch, call.tq, hi, di),
+        "k_idx": mk(call.batch, call.tk, di),
+        "w": mk(call.batch, call.tq, hi).abs() * hi ** -0.5,
+    }
+
+
+SPEC = register_selection(
+    name="dsa",
+    family="sparse",
+    paper="DeepSeek Sparse Attention (DeepSeek-V3.2); MISA; StreamIndex",
+    summary="top-k causal keys per query by a lightning indexer, shared by all heads; streaming top-k",
+    options=DsaOptions,
+    select=policy,
+    example=_example,
+)

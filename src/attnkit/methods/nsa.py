@@ -1,0 +1,222 @@
+"""`nsa`: Native Sparse Attention (Yuan et al. 2025; "Optimizing NSA").
+
+Three branches over the same queries, mixed per token and query head by caller-supplied gates
+`g_cmp, g_slc, g_swa: [B, Tq, Hq]` (a missing gate drops its branch):
+
+1. compressed: attention over mean-pooled keys / values of the complete blocks of `block_size`
+   (NSA's learnable compression MLP replaced by the mean, stride = block length); block c is
+   visible iff all its keys are (`(c + 1) * block_size - 1 <= i` under causality);
+2. selected: the `topk` key blocks with the highest compressed-attention probability averaged over
+   the query heads of a KV group (one selection per KV group), where the first block, the own
+   block and the previous block are always selected and count toward `topk` (the paper's "1
+   initial + 2 local"); causal inside blocks;
+3. sliding window: the last `window` keys (`i - j < window`).
+
+`out = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`. Gradients reach q, k, v (through all three
+branches, the pooling included) and the gates; the selection itself is not differentiated. The
+mix has no single softmax, so NSA returns no LSE.
+
+Selection (the selected branch): `KVSelection(indices [B, Hkv, Tq, S], q_block=1, k_block=block_size)`,
+`S = min(max(topk, 3), Nk)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..core import masks
+from ..core.contract import AttentionCall, OptionError, validate_attention
+from ..core.masks import Mask
+from ..core.reference import blockwise_attention
+from ..core.selection import KVSelection, cdiv
+from ..core.topk import streaming_topk, tile_sizes
+from ..registry import Backend, Capabilities, MethodOptions, MethodSpec, register
+from ._routing import (Packing, check_int, check_tensor_shape, check_tensor_type, compact_rows, compute_dtype,
+                       seq_view)
+
+GATES = ("g_cmp", "g_slc", "g_swa")
+
+
+@dataclass(frozen=True)
+class NsaOptions(MethodOptions):
+    block_size: int
+    topk: int
+    window: Optional[int] = None  # required with g_swa
+    g_cmp: Optional[torch.Tensor] = None  # [B, Tq, Hq]
+    g_slc: Optional[torch.Tensor] = None
+    g_swa: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        check_int("block_size", self.block_size, 1)
+        check_int("topk", self.topk, 1)
+        if self.window is not None:
+            check_int("window", self.window, 1)
+        for name in GATES:
+            check_tensor_type(name, getattr(self, name), optional=True)
+        if all(getattr(self, name) is None for name in GATES):
+            raise OptionError("g_cmp, g_slc, g_swa: expected at least one gate (a missing gate drops its branch), got none")
+        if self.g_swa is not None and self.window is None:
+            raise OptionError("window: required (an int >= 1) when the sliding-window gate g_swa is given")
+
+    def check_call(self, call: AttentionCall) -> None:
+        for name in GATES:
+            g = getattr(self, name)
+            if g is not None:
+                check_tensor_shape(name, g, (call.batch, call.tq, call.hq), "[B, Tq, Hq]", call)
+
+
+def _compressed_mask(block: int, num_cmp: int, tk: int, k_len: torch.Tensor, causal: bool) -> Mask:
+    """Visibility of compressed block c for a query whose position in compressed coordinates is q
+    (the executor aligns queries to the `num_cmp` compressed keys; `+ tk - num_cmp` undoes that)."""
+    offset = tk - num_cmp
+
+    def fn(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        last = (c + 1) * block - 1  # last key of block c
+        ok = last < k_len.to(c.device)[b]
+        return ok & (last <= q + offset) if causal else ok
+
+    return Mask(fn, f"nsa_compressed({block})")
+
+
+def compressed_branch(call: AttentionCall, block: int, v: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, Optional[Packing]]:
+    """Branch 1: `(out [B, Tq, Hq, Dv], lse_padded [N, Hq, Tq'], packing)`, differentiable.
+
+    Under varlen the branch runs on the padded per-sequence batch; `lse_padded` stays in that layout
+    (the selection policy's), `out` is packed back. `v` overrides the values (selection-only runs)."""
+    v = call.v if v is None else v
+    packing = Packing(call.cu_seqlens, call.device) if call.varlen else None
+    q, k, vv = (call.q, call.k, v) if packing is None else (packing.pad(call.q), packing.pad(call.k), packing.pad(v))
+    N, Tq, Hq, _ = q.shape
+    Tk = k.shape[1]
+    nc = Tk // block
+    k_len = packing.lengths if packing is not None else torch.full((N,), Tk, dtype=torch.int64, device=q.device)
+    if nc == 0:
+        out = torch.zeros(N, Tq, Hq, vv.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.full((N, Hq, Tq), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
+    else:
+        cd = compute_dtype(q.dtype)
+        kc = k[:, : nc * block].to(cd).unflatten(1, (nc, block)).mean(2).to(k.dtype)  # [N, nc, Hkv, D]
+        vc = vv[:, : nc * block].to(cd).unflatten(1, (nc, block)).mean(2).to(vv.dtype)
+        mask = _compressed_mask(block, nc, Tk, k_len, call.causal)
+        out, lse = blockwise_attention(q, kc, vc, causal=False, scale=call.scale, mask=mask)
+    if packing is not None:
+        out = packing.unpad(out)
+    return out, lse, packing
+
+
+def selection_from_lse(call: AttentionCall, block_size: int, topk: int, lse_cmp: torch.Tensor) -> KVSelection:
+    """Branch 2's selection given the compressed branch's LSE `[N, Hq, Tq']` (padded layout)."""
+    view = seq_view(call)
+    bs = block_size
+    N, Tq, Hq, D = view.q.shape
+    Hkv, G = view.k.shape[2], Hq // view.k.shape[2]
+    Tk, nk, nc = view.tk, cdiv(view.tk, bs), view.tk // bs
+    dev = view.q.device
+    cd = compute_dtype(call.dtype)
+    with torch.no_grad():
+        qg = view.q.to(cd).view(N, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [N, Hkv, G, Tq, D]
+        kc = view.k[:, : nc * bs].to(cd).unflatten(1, (nc, bs)).mean(2).to(call.dtype).to(cd)  # as branch 1
+        kc = torch.cat([kc, kc.new_zeros(N, nk - nc, Hkv, D)], 1).permute(0, 2, 3, 1).unsqueeze(2)  # [N, Hkv, 1, D, nk]
+        lse = lse_cmp.detach().to(cd)
+        lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).view(N, Hkv, G, Tq, 1)
+        q_pos = view.q_pos()
+        own = q_pos // bs  # [Tq]
+        k_len = view.k_len.view(N, 1, 1, 1)
+
+        def score(rows: slice, cols: slice) -> torch.Tensor:  # [N, Hkv, R, C]
+            s = torch.matmul(qg[..., rows, :], kc[..., cols]).mul_(call.scale)
+            prob = torch.exp(s - lse[..., rows, :]).mean(2)  # mean over the group's query heads
+            c = torch.arange(cols.start, cols.stop, device=dev).view(1, -1)
+            p = q_pos[rows].view(-1, 1)
+            last = (c + 1) * bs - 1
+            visible = (last < k_len) & (c < nc)
+            if view.causal:
+                visible = visible & (last <= p)
+            prob = prob.masked_fill(~visible, float("-inf"))
+            o = own[rows].view(-1, 1)
+            forced = (c == 0) | (c == o) | (c == o - 1)
+            return prob.masked_fill(forced, float("inf"))
+
+        width = min(max(topk, 3), nk)
+        row_chunk, col_chunk = tile_sizes(Tq, nk, elems_per_pair=N * Hq * 2)
+        _, idx = streaming_topk(score, (N, Hkv), Tq, nk, width, row_chunk=row_chunk, col_chunk=col_chunk,
+                                dtype=cd, device=dev)
+        # forced blocks sort first (+inf); keep max(topk, number of forced blocks) per row
+        num_forced = 1 + own.clamp(0, 2)  # {0} ; {0, 1} ; {0, own - 1, own}
+        keep = torch.arange(width, device=dev).view(1, -1) < num_forced.clamp_min(topk).view(-1, 1)
+        idx = torch.where(keep, idx, torch.full_like(idx, -1))
+    return KVSelection(compact_rows(idx, width), q_block=1, k_block=bs)
+
+
+def policy(call: AttentionCall, block_size: int, topk: int) -> KVSelection:
+    """Branch 2's selection of a validated call (runs the compressed branch for its LSE, no gradients)."""
+    with torch.no_grad():
+        dummy_v = call.k.new_zeros(*call.k.shape[:3], 1)
+        _, lse, _ = compressed_branch(call, block_size, v=dummy_v)
+    return selection_from_lse(call, block_size, topk, lse)
+
+
+def run(call: AttentionCall, opts: NsaOptions) -> torch.Tensor:
+    """The gated mix of the three branches: `[B, Tq, Hq, Dv]` (reference executors)."""
+    cd = compute_dtype(call.dtype)
+    out = torch.zeros(*call.q.shape[:3], call.v.shape[-1], dtype=cd, device=call.device)
+
+    def add(gate: torch.Tensor, o: torch.Tensor) -> None:
+        nonlocal out
+        out = out + gate.to(cd).unsqueeze(-1) * o.to(cd)
+
+    lse_cmp = None
+    if opts.g_cmp is not None:
+        o_cmp, lse_cmp, _ = compressed_branch(call, opts.block_size)
+        add(opts.g_cmp, o_cmp)
+    if opts.g_slc is not None:
+        sel = (policy(call, opts.block_size, opts.topk) if lse_cmp is None
+               else selection_from_lse(call, opts.block_size, opts.topk, lse_cmp))
+        o_slc, _ = blockwise_attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
+                                       cu_seqlens=call.cu_seqlens, selection=sel)
+        add(opts.g_slc, o_slc)
+    if opts.g_swa is not None:
+        o_swa, _ = blockwise_attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
+                                       cu_seqlens=call.cu_seqlens, mask=masks.sliding_window(opts.window))
+        add(opts.g_swa, o_swa)
+    return out.to(call.dtype)
+
+
+def select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, causal: bool = True,
+           scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None) -> KVSelection:
+    """NSA's selected-branch selection for `q: [B, Tq, Hq, D]`, `k: [B, Tk, Hkv, D]`: per KV group, the
+    first, own and previous blocks plus the best blocks by compressed-attention probability, `topk` in all.
+
+    Returns `KVSelection(indices int32 [B (N under varlen), Hkv, Tq, min(max(topk, 3), Nk)], 1, block_size)`."""
+    call = validate_attention(q, k, k, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
+    check_int("block_size", block_size, 1)
+    check_int("topk", topk, 1)
+    return policy(call, block_size, topk)
+
+
+def _example(call: AttentionCall) -> dict[str, Any]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    gate = lambda: torch.sigmoid(torch.randn(call.batch, call.tq, call.hq, generator=g)).to(  # noqa: E731
+        device=call.device, dtype=call.dtype)
+    block = max(1, min(64, call.tk // 8))
+    return {"block_size": block, "topk": 4, "window": max(1, min(512, call.tk // 4)),
+            "g_cmp": gate(), "g_slc": gate(), "g_swa": gate()}
+
+
+SPEC = register(
+    MethodSpec(
+        name="nsa",
+        family="sparse",
+        paper="Native Sparse Attention; Optimizing NSA",
+        summary="gated mix of compressed (mean-pooled blocks), selected (top-k blocks) and sliding-window branches",
+        options=NsaOptions,
+        capabilities=Capabilities(lse=False),
+        backends=(Backend("reference", run, lse=False),),
+        docs="docs/methods/nsa.md",
+        example=_example,
+    )
+)

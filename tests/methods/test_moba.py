@@ -1,0 +1,81 @@
+"""MoBA's selection against its definition (MECHANISMS.md), independent of the executor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnkit as ak
+from attnkit.core.contract import OptionError
+
+from ._cases import qkv, rows_as_sets
+
+
+def brute_force(q, k, block, topk, causal):
+    """Per (b, h, i): own block + the topk - 1 best other candidate blocks by q . mean(k in block)."""
+    B, Tq, Hq, _ = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    nk = -(-Tk // block)
+    rows = []
+    for b in range(B):
+        for h in range(Hq):
+            kh = k[b, :, h // (Hq // Hkv)].double()
+            means = torch.stack([kh[m * block : (m + 1) * block].mean(0) for m in range(nk)])
+            for i in range(Tq):
+                p = i + Tk - Tq
+                own = p // block
+                cand = [m for m in range(nk) if m != own and (not causal or m * block <= p)]
+                gate = {m: float(q[b, i, h].double() @ means[m]) for m in cand}
+                best = sorted(cand, key=lambda m: -gate[m])[: topk - 1]
+                rows.append(sorted([own] + best))
+    return rows
+
+
+@settings(max_examples=15)
+@given(tq=st.integers(1, 17), extra=st.integers(0, 9), block=st.integers(1, 6), topk=st.integers(1, 5),
+       group=st.sampled_from([1, 2]), causal=st.booleans())
+def test_selection_matches_definition(tq, extra, block, topk, group, causal):
+    q, k, _ = qkv(2, tq, tq + extra, 2 * group, 2, D=4, dtype=torch.float64, seed=tq + 7 * extra)
+    sel = ak.methods.moba.select(q, k, block_size=block, topk=topk, causal=causal)
+    assert sel.q_block == 1 and sel.k_block == block and sel.num_heads == 2 * group
+    assert rows_as_sets(sel.indices) == brute_force(q, k, block, topk, causal), "MoBA rows differ from brute force"
+
+
+def test_own_block_always_kept_and_never_a_future_block():
+    T, block = 40, 4
+    q, k, _ = qkv(1, T, T, 3, 3)
+    idx = ak.methods.moba.select(q, k, block_size=block, topk=3).indices  # [1, 3, T, 3]
+    own = (torch.arange(T) // block).view(1, 1, T, 1)
+    assert bool((idx == own).any(-1).all()), "a query lost its own block"
+    assert int((idx > own).sum()) == 0, f"{int((idx > own).sum())} future blocks selected"
+    counts = (idx >= 0).sum(-1)
+    expected = torch.clamp(torch.arange(T) // block + 1, max=3).view(1, 1, T).expand_as(counts)
+    assert torch.equal(counts, expected), "each query should keep min(topk, candidate blocks) blocks"
+
+
+@pytest.mark.parametrize("bad, field", [({"topk": 0}, "topk"), ({"topk": -2}, "topk"), ({"block_size": 0}, "block_size"),
+                                        ({"block_size": True}, "block_size"), ({"topk": 1.5}, "topk")])
+def test_invalid_options_raise_naming_the_field(bad, field):
+    q, k, v = qkv(1, 8, 8, 2, 2)
+    opts = {"block_size": 4, "topk": 2, **bad}
+    with pytest.raises(OptionError, match=rf"^{field}: expected"):
+        ak.attention(q, k, v, method="moba", **opts)
+    with pytest.raises(OptionError, match=rf"^{field}: expected"):
+        ak.methods.moba.select(q, k, **opts)
+
+
+def test_missing_and_unknown_options_raise():
+    q, k, v = qkv(1, 8, 8, 2, 2)
+    with pytest.raises(OptionError, match="topk: required"):
+        ak.attention(q, k, v, method="moba", block_size=4)
+    with pytest.raises(OptionError, match="window: not an option"):
+        ak.attention(q, k, v, method="moba", block_size=4, topk=2, window=3)
+
+
+def test_no_gradient_through_the_selection():
+    q, k, v = qkv(1, 12, 12, 2, 1)
+    q.requires_grad_(True)
+    sel = ak.methods.moba.select(q, k, block_size=4, topk=2)
+    assert not sel.indices.requires_grad and sel.indices.dtype == torch.int32
