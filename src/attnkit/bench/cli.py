@@ -1,22 +1,266 @@
-"""`attnkit bench`: the first slice. Runs every registered method on small inputs and prints, per
-method, its error against exact attention and its median time. (The full benchmark, with
-workloads, memory, reports and GPU presets, grows in this package.)"""
+"""`attnkit bench` (also `python -m attnkit.bench`): measure every registered method side by side.
+
+    attnkit bench --quick                      # CPU, every method, small sizes (the default)
+    attnkit bench --gpu                        # CUDA, T from 1K to 128K, bf16, with SDPA/Flex baselines
+    attnkit bench --methods dense,moba --seqlens 1K,4K --dtype bf16 --out results/mine
+    attnkit bench --set sliding_window.window=4096 ...   # override an option of a method
+
+Bad arguments exit with status 2 and a one-line message. See docs/benchmark.md.
+"""
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import ast
+import dataclasses
+import importlib
 import sys
-import time
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
+# packages whose import registers methods (the benchmark runs whatever they register)
+REGISTERING = ("attnkit.methods", "attnkit.linear")
+
+
+class UsageError(Exception):
+    """A bad argument; the message is the one line printed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    device: str
+    seqlens: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    warmup: int
+    repeats: int
+    budget: float
+    max_run: Optional[float]
+    max_minutes: Optional[float]
+    fidelity_max_t: Optional[int]
+    backends: str
+
+
+PRESETS = {
+    # CPU, every method, small sizes: well under 3 minutes on 2 cores
+    "quick": Preset("cpu", (256, 512), ("fp32",), 1, 8, 2, 64, 1, 3, 1.0, None, None, None, "auto"),
+    # one GPU: the full sweep, bounded to fit a 10-minute session (rows past the limit are recorded as skipped)
+    "gpu": Preset("cuda", tuple(1024 * 2**i for i in range(8)), ("bf16",), 1, 16, 4, 128, 2, 10, 5.0, 10.0, 9.0, 32768,
+                  "all"),
+}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="small CPU inputs, every method (the default preset)")
-    p.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
-    p.add_argument("--seqlen", type=int, default=512, help="sequence length T (default 512)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per method (median reported)")
+    g = p.add_argument_group("presets")
+    g.add_argument("--quick", action="store_true", default=None,
+                   help="CPU, every registered method, T=256,512 plus the real 512-token workload, fp32 (default)")
+    g.add_argument("--gpu", action="store_true", default=None,
+                   help="CUDA: T=1K..128K, bf16, B=1 Hq=16 Hkv=4 D=128, SDPA/cuDNN/flash/Flex baselines, every backend")
+    s = p.add_argument_group("selection")
+    s.add_argument("--methods", help="comma-separated registered method names, or 'all' (default)")
+    s.add_argument("--seqlens", help="comma-separated sequence lengths, e.g. 1K,4K,16384")
+    s.add_argument("--dtype", help="comma-separated dtypes: fp16, bf16, fp32, fp64")
+    s.add_argument("--workloads", help="comma-separated: random, structured, real (default: all three)")
+    s.add_argument("--set", action="append", metavar="METHOD.OPTION=VALUE",
+                   help="override a method option (repeatable), e.g. moba.topk=4 or sliding_window.window=4096")
+    s.add_argument("--backends", help="'auto' (the dispatcher's choice) or 'all' (a row per backend that can run it)")
+    s.add_argument("--no-baselines", action="store_true", default=None, help="do not measure SDPA/Flex baselines")
+    m = p.add_argument_group("measurement")
+    m.add_argument("--device", help="cpu or cuda (default: the preset's)")
+    m.add_argument("--batch", help="batch size of the synthetic workloads")
+    m.add_argument("--heads", help="query heads Hq of the synthetic workloads")
+    m.add_argument("--kv-heads", help="key/value heads Hkv of the synthetic workloads")
+    m.add_argument("--head-dim", help="head dim D of the synthetic workloads")
+    m.add_argument("--warmup", help="untimed runs before timing")
+    m.add_argument("--repeats", help="timed runs per row (the median is reported)")
+    m.add_argument("--budget", help="seconds of timed runs per row (at least one run is always timed)")
+    m.add_argument("--max-run-seconds", help="skip a row whose single run is predicted (from the same method at a "
+                                             "shorter T) to take longer than this")
+    m.add_argument("--max-minutes", help="stop measuring after this many minutes (remaining rows: skipped)")
+    m.add_argument("--fidelity-max-t", help="compute fidelity and recall only up to this T")
+    m.add_argument("--seed", help="seed of the synthetic workloads (default 0)")
+    m.add_argument("--cache-dir", help="where the real workload's capture is cached (default ~/.cache/attnkit)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", help="output directory (default results/bench-<preset>)")
+    o.add_argument("--no-progress", action="store_true", default=None, help="no progress bar on stderr")
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def _int(flag: str, text: str, minimum: int) -> int:
+    t = text.strip().lower()
+    mult = 1
+    if t.endswith("k"):
+        t, mult = t[:-1], 1024
+    try:
+        val = int(t) * mult
+    except ValueError:
+        raise UsageError(f"{flag}: expected an integer, got {text!r}") from None
+    if val < minimum:
+        raise UsageError(f"{flag}: expected an integer >= {minimum}, got {text!r}")
+    return val
+
+
+def _float(flag: str, text: str) -> float:
+    try:
+        val = float(text)
+    except ValueError:
+        raise UsageError(f"{flag}: expected a number, got {text!r}") from None
+    if not val > 0 or val == float("inf"):
+        raise UsageError(f"{flag}: expected a positive number, got {text!r}")
+    return val
+
+
+def _list(flag: str, text: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UsageError(f"{flag}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+def register_all() -> list[str]:
+    """Import the registering packages; return warnings for those that failed."""
+    warnings = []
+    for mod in REGISTERING:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # a broken method package must not hide the others
+            warnings.append(f"could not import {mod} ({type(e).__name__}: {e}); its methods are not benchmarked")
+    return warnings
+
+
+def _methods(text: Optional[str]) -> list[str]:
+    from ..registry import methods
+
+    known = [m.name for m in methods()]
+    if text is None or text.strip() == "all":
+        return known
+    names = _list("--methods", text)
+    for n in names:
+        if n not in known:
+            raise UsageError(f"--methods: unknown method {n!r} (registered: {', '.join(known)})")
+    return list(dict.fromkeys(names))
+
+
+def _dtypes(text: str) -> list[torch.dtype]:
+    from .runner import DTYPES
+
+    aliases = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32",
+               "float64": "fp64", "double": "fp64"}
+    out = []
+    for d in _list("--dtype", text):
+        key = aliases.get(d.lower(), d.lower())
+        if key not in DTYPES:
+            raise UsageError(f"--dtype: expected fp16, bf16, fp32 or fp64, got {d!r}")
+        out.append(DTYPES[key])
+    return list(dict.fromkeys(out))
+
+
+def _overrides(items: Optional[list[str]]) -> dict[str, dict[str, Any]]:
+    from ..registry import get_method
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        target, sep, value = item.partition("=")
+        method, dot, option = target.strip().partition(".")
+        if not sep or not dot or not method or not option:
+            raise UsageError(f"--set: expected METHOD.OPTION=VALUE, got {item!r}")
+        try:
+            spec = get_method(method)
+        except Exception:
+            raise UsageError(f"--set: unknown method {method!r} in {item!r}") from None
+        fields = [f.name for f in dataclasses.fields(spec.options)]
+        if option not in fields:
+            raise UsageError(f"--set: {option!r} is not an option of {method!r} (its options: {', '.join(fields) or 'none'})")
+        try:
+            parsed: Any = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed = value.strip()
+        out.setdefault(method, {})[option] = parsed
+    return out
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command, rebuilt from the arguments given (so a results file says how to make it again)."""
+    parts = ["attnkit", "bench"]
+    for key, val in vars(args).items():
+        if key in ("func", "command") or val is None or val is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if val is True:
+            parts.append(flag)
+        elif isinstance(val, list):
+            parts += [x for v in val for x in (flag, v)]
+        else:
+            parts += [flag, str(val)]
+    return " ".join(parts)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """Arguments -> a runner Config; raises UsageError with a one-line message."""
+    from .runner import Config
+    from .workloads import WORKLOADS, Shape
+
+    if args.quick and args.gpu:
+        raise UsageError("--quick and --gpu are exclusive presets")
+    name = "gpu" if args.gpu else "quick"
+    pre = PRESETS[name]
+    device = (args.device or pre.device).strip().lower()
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda, got {args.device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "--gpu" if args.gpu and not args.device else "--device cuda"
+        raise UsageError(f"{why}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                         "use --quick for the CPU run")
+    seqlens = [_int("--seqlens", x, 1) for x in _list("--seqlens", args.seqlens)] if args.seqlens else list(pre.seqlens)
+    workloads = _list("--workloads", args.workloads) if args.workloads else list(WORKLOADS)
+    for w in workloads:
+        if w not in WORKLOADS:
+            raise UsageError(f"--workloads: expected some of {', '.join(WORKLOADS)}, got {w!r}")
+    backends = (args.backends or pre.backends).strip()
+    if backends not in ("auto", "all"):
+        raise UsageError(f"--backends: expected auto or all, got {args.backends!r}")
+    shape = Shape(
+        batch=_int("--batch", args.batch, 1) if args.batch else pre.batch,
+        heads_q=_int("--heads", args.heads, 1) if args.heads else pre.heads,
+        heads_kv=_int("--kv-heads", args.kv_heads, 1) if args.kv_heads else pre.kv_heads,
+        head_dim=_int("--head-dim", args.head_dim, 1) if args.head_dim else pre.head_dim,
+    )
+    if shape.heads_q % shape.heads_kv:
+        raise UsageError(f"--kv-heads: expected a divisor of --heads {shape.heads_q}, got {shape.heads_kv}")
+    return Config(
+        preset=name if not any(getattr(args, a) for a in ("seqlens", "dtype", "methods", "workloads")) else f"{name}+custom",
+        device=torch.device(device),
+        methods=_methods(args.methods),
+        seqlens=list(dict.fromkeys(seqlens)),
+        dtypes=_dtypes(args.dtype) if args.dtype else _dtypes(",".join(pre.dtypes)),
+        workloads=list(dict.fromkeys(workloads)),
+        shape=shape,
+        warmup=_int("--warmup", args.warmup, 0) if args.warmup else pre.warmup,
+        repeats=_int("--repeats", args.repeats, 1) if args.repeats else pre.repeats,
+        budget_s=_float("--budget", args.budget) if args.budget else pre.budget,
+        max_run_s=_float("--max-run-seconds", args.max_run_seconds) if args.max_run_seconds else pre.max_run,
+        max_minutes=_float("--max-minutes", args.max_minutes) if args.max_minutes else pre.max_minutes,
+        fidelity_max_t=_int("--fidelity-max-t", args.fidelity_max_t, 1) if args.fidelity_max_t else pre.fidelity_max_t,
+        backends=backends,
+        overrides=_overrides(args.set),
+        baselines=not args.no_baselines,
+        seed=_int("--seed", args.seed, 0) if args.seed else 0,
+        cache_dir=args.cache_dir,
+    )
+
+
+def _out_dir(args: argparse.Namespace, config: Any) -> Path:
+    out = Path(args.out) if args.out else Path("results") / f"bench-{config.preset.split('+')[0]}-{config.device.type}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {str(out)!r} exists and is not a directory")
+    return out
 
 
 def _fail(msg: str) -> int:
@@ -25,40 +269,34 @@ def _fail(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import attnkit as ak
-    from attnkit.core.contract import validate_attention
-    from attnkit.registry import get_method, methods
+    from . import report
+    from .runner import Runner
 
-    if args.seqlen <= 0:
-        return _fail(f"--seqlen: expected a positive int, got {args.seqlen}")
-    if args.repeats <= 0:
-        return _fail(f"--repeats: expected a positive int, got {args.repeats}")
-    names = [m.name for m in methods()] if args.methods is None else [n.strip() for n in args.methods.split(",") if n.strip()]
-    for n in names:
-        try:
-            get_method(n)
-        except ak.AttnkitError as e:
-            return _fail(str(e))
-    torch.manual_seed(0)
-    B, T, Hq, Hkv, D = 1, args.seqlen, 8, 2, 64
-    q, k, v = torch.randn(B, T, Hq, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
-    exact = ak.ops.dense_attention(q, k, v, causal=True)
-    print(f"attnkit bench (quick): B={B} T={T} Hq={Hq} Hkv={Hkv} D={D} float32 causal, {torch.get_num_threads()} CPU threads")
-    print(f"{'method':<18} {'backend':<10} {'rel. error vs exact':>20} {'median ms':>10}")
-    for name in names:
-        spec = get_method(name)
-        call = validate_attention(q, k, v, causal=True)
-        opts = spec.example(call)
-        backend = ak.explain(q, k, v, method=name, **opts).chosen
-        times = []
-        for _ in range(args.repeats + 1):
-            t0 = time.perf_counter()
-            out = ak.attention(q, k, v, method=name, **opts)
-            times.append(time.perf_counter() - t0)
-        out = out[0] if isinstance(out, tuple) else out
-        if spec.family == "linear":
-            err = "n/a (other model)"
-        else:
-            err = f"{((out - exact).norm() / exact.norm()).item():.3e}"
-        print(f"{name:<18} {backend:<10} {err:>20} {1e3 * statistics.median(times[1:]):>10.2f}")
+    for w in register_all():
+        print(f"attnkit bench: warning: {w}", file=sys.stderr)
+    try:
+        config = build_config(args)
+        out = _out_dir(args, config)
+        out.mkdir(parents=True, exist_ok=True)
+    except UsageError as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"--out: cannot create the output directory ({e})")
+    command = _command(args)
+    json_path = out / "bench.json"
+
+    def checkpoint(doc: dict[str, Any]) -> None:  # partial results survive an interrupted run
+        doc["command"] = command
+        report.write_json(doc, json_path)
+
+    runner = Runner(config, progress=not args.no_progress, checkpoint=checkpoint)
+    runner.command = command  # type: ignore[attr-defined]
+    print(f"attnkit bench: {runner.plan()} on {config.device.type}; results -> {out}", file=sys.stderr)
+    runner.run()
+    doc = runner.document(command)
+    paths = report.write_reports(doc, out)
+    print(report.terminal_table(doc))
+    counts = {s: sum(r["status"] == s for r in doc["rows"]) for s in ("ok", "error", "skipped")}
+    print(f"\n{counts['ok']} rows ok, {counts['error']} errors, {counts['skipped']} skipped. Wrote "
+          + ", ".join(str(p) for p in paths.values()))
     return 0

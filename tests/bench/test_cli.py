@@ -1,0 +1,130 @@
+"""The tiny benchmark run of the CI (CPU, two methods, two lengths) and the argument errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkit.bench.schema import validate
+from attnkit.cli import main
+
+TINY = ["--methods", "dense,sliding_window", "--seqlens", "64,128", "--workloads", "random,structured",
+        "--set", "sliding_window.window=4096", "--repeats", "2", "--heads", "4", "--kv-heads", "2",
+        "--head-dim", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, int]:
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["bench", *TINY, "--out", str(out)])
+    return out, json.loads((out / "bench.json").read_text()), rc
+
+
+def _rows(doc: dict, method: str) -> list[dict]:
+    rows = [r for r in doc["rows"] if r["method"] == method]
+    assert rows, f"no rows for {method!r}; methods present: {sorted({r['method'] for r in doc['rows']})}"
+    return rows
+
+
+def test_tiny_run_json_matches_schema(tiny_run: tuple[Path, dict, int]) -> None:
+    _, doc, rc = tiny_run
+    assert rc == 0, f"bench exited {rc}"
+    problems = validate(doc)
+    assert not problems, "schema problems: " + "; ".join(problems[:5])
+    assert doc["device"]["type"] == "cpu" and doc["versions"]["torch"] == torch.__version__
+    assert doc["command"].startswith("attnkit bench --methods dense,sliding_window")
+    # 2 workloads x 2 lengths x (sdpa baseline + 2 methods)
+    got = sorted((r["workload"], r["T"], r["method"]) for r in doc["rows"])
+    want = sorted((w, t, m) for w in ("random", "structured") for t in (64, 128) for m in ("sdpa", "dense", "sliding_window"))
+    assert got == want, f"rows {got} != expected {want}"
+    bad = [(r["method"], r["workload"], r["T"], r["error"]) for r in doc["rows"] if r["status"] != "ok"]
+    assert not bad, f"rows not ok: {bad}"
+
+
+def test_dense_fidelity_is_exact(tiny_run: tuple[Path, dict, int]) -> None:
+    _, doc, _ = tiny_run
+    for r in _rows(doc, "dense"):
+        assert r["rel_error"] is not None and r["rel_error"] < 1e-5, (
+            f"dense {r['workload']} T={r['T']}: rel error {r['rel_error']} >= 1e-5 in fp32")
+        assert r["cosine"] > 1 - 1e-6, f"dense {r['workload']} T={r['T']}: cosine {r['cosine']}"
+        assert r["recall"] == 1.0 and r["density"] == 1.0
+        assert r["time_ms"] > 0 and r["speedup"] > 0 and r["tflops"] > 0
+        assert r["peak_memory_bytes"] > 0 and r["memory_measure"] == "cpu_live_tensors"
+
+
+def test_full_selection_has_recall_one(tiny_run: tuple[Path, dict, int]) -> None:
+    _, doc, _ = tiny_run
+    for r in _rows(doc, "sliding_window"):
+        assert r["options"]["window"] == 4096, f"override not applied: {r['options']}"
+        assert r["recall_source"].startswith("attnkit.methods.sliding_window.mask"), r["recall_source"]
+        assert r["recall"] == 1.0 and r["recall_min"] == 1.0, (
+            f"sliding_window window >= T, {r['workload']} T={r['T']}: recall {r['recall']}, min {r['recall_min']}")
+        assert r["density"] == 1.0, f"density {r['density']} != 1 for a full selection"
+        assert r["rel_error"] < 1e-5 and r["lse_error"] < 1e-5, (
+            f"full window should equal exact attention: rel {r['rel_error']}, lse {r['lse_error']}")
+        if r["workload"] == "structured":
+            assert r["needle_hits"] == 1.0, f"needle hits {r['needle_hits']}"
+
+
+def test_reports_and_plots_written(tiny_run: tuple[Path, dict, int]) -> None:
+    out, doc, _ = tiny_run
+    for name in ("bench.json", "bench.md", "report.html", "time_vs_T.png", "fidelity_vs_speedup.png"):
+        path = out / name
+        assert path.exists() and path.stat().st_size > 0, f"{name} missing or empty in {sorted(p.name for p in out.iterdir())}"
+    html = (out / "report.html").read_text()
+    assert 'src="time_vs_T.png"' in html and 'src="fidelity_vs_speedup.png"' in html
+    assert (out / "time_vs_T.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "bench.md").read_text()
+    assert md.count("| sliding_window |") == 4, "markdown table should hold one line per sliding_window row"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "no_such_method"], "--methods: unknown method 'no_such_method'"),
+    (["--seqlens", "0"], "--seqlens: expected an integer >= 1"),
+    (["--seqlens", "-64"], "--seqlens: expected an integer >= 1"),
+    (["--seqlens", "abc"], "--seqlens: expected an integer"),
+    (["--dtype", "fp8"], "--dtype: expected fp16, bf16, fp32 or fp64"),
+    (["--workloads", "images"], "--workloads: expected some of random, structured, real"),
+    (["--set", "dense"], "--set: expected METHOD.OPTION=VALUE"),
+    (["--set", "sliding_window.nope=3"], "--set: 'nope' is not an option of 'sliding_window'"),
+    (["--quick", "--gpu"], "--quick and --gpu are exclusive"),
+    (["--budget", "-1"], "--budget: expected a positive number"),
+    (["--kv-heads", "3"], "--kv-heads: expected a divisor of --heads"),
+])
+def test_bad_arguments_exit_nonzero_with_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture,
+                                                  tmp_path: Path) -> None:
+    rc = main(["bench", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if "warning" not in line]
+    assert rc != 0, f"{argv}: exit status 0"
+    assert len(err) == 1 and message in err[0], f"{argv}: stderr {err!r} lacks {message!r}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU; this machine has one")
+def test_gpu_preset_without_gpu_fails(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    rc = main(["bench", "--gpu", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "--gpu: no CUDA GPU" in err, f"rc {rc}, stderr {err!r}"
+
+
+def test_module_entry_point_reports_bad_method() -> None:
+    proc = subprocess.run([sys.executable, "-m", "attnkit.bench", "--methods", "nope"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, f"exit {proc.returncode}, stderr {proc.stderr!r}"
+    assert "unknown method 'nope'" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_preset_small(tmp_path: Path) -> None:
+    rc = main(["bench", "--gpu", "--methods", "dense", "--seqlens", "1K", "--workloads", "random",
+               "--out", str(tmp_path), "--no-progress"])
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert rc == 0 and not validate(doc)
+    dense = _rows(doc, "dense")[0]
+    assert dense["memory_measure"] == "cuda_max_allocated" and dense["time_ms"] > 0, dense
