@@ -1,0 +1,262 @@
+"""Sparse decoding: read fewer keys of the cache, evict nothing.
+
+A *reader* turns the decode queries `q: [B, Tq, Hq, D]` and a `PagedLayerCache` into a
+`KVSelection` over the cache's logical slots (`select`) and attends through
+`ops.decode_attention` (`attend`); SANTA, whose output is not a softmax over a subset, has its
+own estimator.
+
+| name | reads |
+|---|---|
+| `quest` | the `topk` pages with the largest upper bound `sum_d max(q_d min_d, q_d max_d)` of the score (Quest) |
+| `recycled` | every `stride` steps everything; in between the `topk` keys the last full step attended most, plus tokens added since (Recycled Attention) |
+| `santa` | `samples` keys drawn from the softmax (stratified by default, seeded); output = mean of their values (SANTA) |
+| `routed` | the selection of a content-routed method (`moba`, ...) at the decode queries, over the cache |
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from ..core.contract import AttnkitError, OptionError
+from ..core.selection import KVSelection
+from ..ops.decode import decode_attention, slot_visibility
+from .paged import PagedLayerCache
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _group_queries(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """`[B, Tq, Hq, D]` -> `[B, Hkv, G * Tq, D]` float32 (float64 kept)."""
+    B, Tq, Hq, D = q.shape
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.to(cd).view(B, Tq, hkv, Hq // hkv, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, -1, D)
+
+
+def _rows_to_selection(rows: torch.Tensor, tq: int, k_block: int) -> KVSelection:
+    """`rows [B, Hkv, S]` (-1 padded, no duplicates) -> `KVSelection(B, Hkv, 1, S)` for all Tq queries."""
+    return KVSelection(rows.unsqueeze(2).to(torch.int32).contiguous(), q_block=tq, k_block=k_block)
+
+
+class Reader:
+    """Base: `select` gives a selection (None = read everything), `attend` runs decode over it."""
+
+    name: ClassVar[str] = ""
+
+    def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> Optional[KVSelection]:
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, cache: PagedLayerCache, *, scale: Optional[float] = None,
+               backend: str = "auto") -> torch.Tensor:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return decode_attention(q, cache, self.select(q, cache, scale), scale=scale, backend=backend)
+
+
+# --- quest -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Quest(Reader):
+    """Quest: page-level top-k by an upper bound of `q . k` from each page's element-wise key min/max
+    (kept incrementally by the cache). Per KV head, the bound is the max over its query heads and
+    decode queries, so one page list serves the whole group (one pass in the kernel)."""
+
+    name: ClassVar[str] = "quest"
+    topk: int = 8
+
+    def __post_init__(self) -> None:
+        _check_int("topk", self.topk, 1)
+
+    def page_scores(self, q: torch.Tensor, cache: PagedLayerCache) -> torch.Tensor:
+        """Upper bounds per logical page: `[B, Hkv, maxp]` (-inf for unallocated pages)."""
+        kmin, kmax = cache.page_bounds()  # [P, D]
+        pt = cache.page_table.long().view(cache.batch, cache.num_heads, -1)  # [B, Hkv, maxp]
+        lo, hi = kmin[pt.clamp_min(0)], kmax[pt.clamp_min(0)]  # [B, Hkv, maxp, D]
+        qg = _group_queries(q, cache.num_heads).unsqueeze(3)  # [B, Hkv, GTq, 1, D]
+        bound = torch.maximum(qg * lo.unsqueeze(2).to(qg.dtype), qg * hi.unsqueeze(2).to(qg.dtype)).sum(-1)
+        bound = bound.amax(2)  # [B, Hkv, maxp]
+        empty = (pt < 0) | torch.isinf(lo).all(-1)
+        return bound.masked_fill(empty, float("-inf"))
+
+    def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> KVSelection:
+        s = self.page_scores(q, cache)
+        k = min(self.topk, s.shape[-1])
+        val, idx = s.topk(k, dim=-1)
+        idx = torch.where(torch.isinf(val), -1, idx)
+        return _rows_to_selection(idx, q.shape[1], cache.page_size)
+
+
+# --- recycled --------------------------------------------------------------------------------
+
+
+def slot_attention(q: torch.Tensor, cache: PagedLayerCache, scale: float) -> torch.Tensor:
+    """Softmax attention each logical slot receives, summed over query heads of its group and the
+    decode queries: `[B, Hkv, L]` (a reference pass, for recycling and tests)."""
+    lg = cache.logical()
+    B, Tq, Hq, D = q.shape
+    H = cache.num_heads
+    vis = slot_visibility(q, cache, lg, None, True)  # [B, Hkv, G, Tq, L]
+    qg = _group_queries(q, H).view(B, H, Hq // H, Tq, D)
+    s = torch.matmul(qg, lg["k"].to(qg.dtype).unsqueeze(2).transpose(-1, -2)) * scale
+    s = (s + lg["bias"].to(s.dtype).view(B, H, 1, 1, -1)).masked_fill(~vis, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0).sum((2, 3))
+
+
+@dataclass
+class Recycled(Reader):
+    """Recycled Attention: every `stride` decode steps attend to the whole cache and remember the
+    `topk` slots that got the most attention (summed over the KV group); the steps in between
+    attend to those slots plus the full step's own tokens and every token appended since.
+    The step counter lives in the cache's per-layer state."""
+
+    name: ClassVar[str] = "recycled"
+    stride: int = 4
+    topk: int = 64
+
+    def __post_init__(self) -> None:
+        _check_int("stride", self.stride, 1)
+        _check_int("topk", self.topk, 1)
+
+    def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> Optional[KVSelection]:
+        st = cache.state.setdefault("recycled", {"step": 0})
+        step = st["step"]
+        st["step"] = step + 1
+        if step % self.stride == 0:
+            mass = slot_attention(q, cache, scale)  # [B, Hkv, L]
+            k = min(self.topk, mass.shape[-1])
+            val, idx = mass.topk(k, dim=-1)
+            valid = cache.logical()["valid"].gather(-1, idx)
+            st["slots"] = torch.where(valid, idx, -1)
+            st["since"] = cache.seen.clone() - q.shape[1]  # tokens from here on are "new"
+            return None
+        lg = cache.logical()
+        new = lg["valid"] & (lg["pos"] >= st["since"].view(-1, 1, 1))  # [B, Hkv, L]
+        L = new.shape[-1]
+        chosen = torch.zeros_like(new)
+        old = st["slots"]
+        chosen.scatter_(-1, old.clamp_min(0), old >= 0)
+        chosen &= lg["valid"]  # a recycled slot may have been evicted and reused: keep only live ones
+        chosen |= new
+        width = max(int(chosen.sum(-1).max()), 1)
+        ids = torch.arange(L, device=new.device).expand_as(new)
+        rows = torch.where(chosen, ids, L + ids).sort(-1).values[..., :width]
+        rows = torch.where(rows < L, rows, -1)
+        return _rows_to_selection(rows, q.shape[1], 1)
+
+
+# --- santa -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Santa(Reader):
+    """SANTA (stochastic sparse attention): per query head, draw `samples` key indices from the
+    softmax distribution and output the mean of their values, an unbiased estimate of attention.
+    `stratified=True` draws one sample from each of `samples` equal slices of the CDF
+    (systematic sampling, lower variance). Seeded: the same `seed` gives the same outputs."""
+
+    name: ClassVar[str] = "santa"
+    samples: int = 64
+    seed: int = 0
+    stratified: bool = True
+    _generators: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_int("samples", self.samples, 1)
+        _check_int("seed", self.seed, 0)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._generators[key] = g
+        return self._generators[key]
+
+    def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> Optional[KVSelection]:
+        raise AttnkitError("santa: output is a mean over sampled values, not attention over a selection; use attend()")
+
+    def attend(self, q: torch.Tensor, cache: PagedLayerCache, *, scale: Optional[float] = None,
+               backend: str = "auto") -> torch.Tensor:
+        """`out [B, Tq, Hq, Dv]`: mean of the values of the sampled keys (0 where nothing is visible)."""
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        lg = cache.logical()
+        B, Tq, Hq, D = q.shape
+        H = cache.num_heads
+        G = Hq // H
+        vis = slot_visibility(q, cache, lg, None, True)  # [B, Hkv, G, Tq, L]
+        qg = _group_queries(q, H).view(B, H, G, Tq, D)
+        s = torch.matmul(qg, lg["k"].to(qg.dtype).unsqueeze(2).transpose(-1, -2)) * scale
+        s = (s + lg["bias"].to(s.dtype).view(B, H, 1, 1, -1)).masked_fill(~vis, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)  # [B, Hkv, G, Tq, L]
+        L, S = p.shape[-1], self.samples
+        gen = self._generator(q.device)
+        cdf = p.cumsum(-1)
+        cdf = cdf / cdf[..., -1:].clamp_min(torch.finfo(cdf.dtype).tiny)
+        u = torch.rand(*p.shape[:-1], S, generator=gen, device=q.device, dtype=cdf.dtype)
+        if self.stratified:
+            u = (torch.arange(S, device=q.device, dtype=cdf.dtype) + u) / S
+        idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True).clamp_max(L - 1)  # [.., S]
+        v = lg["v"].to(qg.dtype)  # [B, Hkv, L, Dv]
+        picked = v.unsqueeze(2).unsqueeze(3).expand(B, H, G, Tq, L, v.shape[-1]).gather(
+            4, idx.unsqueeze(-1).expand(*idx.shape, v.shape[-1]))
+        out = picked.mean(4)  # [B, Hkv, G, Tq, Dv]
+        out = torch.where(vis.any(-1, keepdim=True), out, torch.zeros_like(out))
+        return out.permute(0, 3, 1, 2, 4).reshape(B, Tq, Hq, -1).to(q.dtype)
+
+
+# --- content-routed methods at decode time ------------------------------------------------------
+
+
+@dataclass
+class Routed(Reader):
+    """Decode with a content-routed method's own selection (`method.select(q, k, **options)` at the
+    decode queries over the cached keys). The cache must hold a contiguous prefix (positions
+    `0 .. seen-1`, nothing evicted), so that key blocks mean what the method means by them; the
+    selection is mapped from position-ordered keys back to logical slots."""
+
+    name: ClassVar[str] = "routed"
+    method: str = "moba"
+    options: dict = field(default_factory=dict)
+
+    def _module(self) -> Any:
+        try:
+            mod = importlib.import_module(f"attnkit.methods.{self.method}")
+        except ImportError as e:
+            raise OptionError(f"method: attnkit.methods.{self.method} is not available ({e})") from None
+        if not hasattr(mod, "select"):
+            raise OptionError(f"method: attnkit.methods.{self.method} has no select(...)")
+        return mod
+
+    def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> KVSelection:
+        kept = cache.kept(by_position=True)
+        pos = kept["pos"]
+        n = int(cache.seen.min())
+        expect = torch.arange(pos.shape[-1], device=pos.device)
+        if int(cache.seen.max()) != n or pos.shape[-1] != n or not bool((pos == expect).all()):
+            raise AttnkitError(f"cache: routed decode ({self.method}) needs every head to hold positions 0..seen-1 "
+                               "(no eviction, same length per sequence)")
+        k = kept["k"].transpose(1, 2)  # [B, T, Hkv, D], position order
+        sel = self._module().select(q, k, causal=True, **self.options)
+        # selection over position-ordered keys (blocks of k_block) -> token-level rows over slots
+        B, Tq, Hq, _ = q.shape
+        kb = sel.k_block
+        blocks = sel.indices.long()  # [B, Hsel, Nq, S]
+        tok = (blocks.unsqueeze(-1) * kb + torch.arange(kb, device=blocks.device))  # [B, Hsel, Nq, S, kb]
+        tok = torch.where((blocks.unsqueeze(-1) >= 0) & (tok < n), tok, -1).flatten(-2)
+        hs, H = sel.num_heads, cache.num_heads
+        slots_by_pos = kept["slot"]  # [B, Hkv, T]: each KV head has its own slot layout
+        if hs == Hq:
+            src = slots_by_pos.repeat_interleave(Hq // H, 1)  # [B, Hq, T]
+        else:
+            src = slots_by_pos
+            tok = tok.expand(B, H, *tok.shape[2:])  # Hsel in (Hkv, 1): one row per KV head
+        flat = src.unsqueeze(2).expand(*tok.shape[:3], n).gather(-1, tok.clamp_min(0))
+        rows = torch.where(tok >= 0, flat, -1).to(torch.int32)
+        return KVSelection(rows.contiguous(), q_block=sel.q_block, k_block=1)

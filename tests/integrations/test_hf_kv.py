@@ -1,0 +1,102 @@
+"""Hugging Face generate with KV policies on a tiny random Llama (transformers >= 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is part of the dev env")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from attnkit.core.contract import OptionError  # noqa: E402
+from attnkit.integrations.hf_kv import kv_policy  # noqa: E402
+
+L, HKV, D, T, NEW = 2, 2, 16, 24, 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=L,
+                      num_attention_heads=4, num_key_value_heads=HKV, max_position_embeddings=128,
+                      pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(1, 96, (2, T), generator=torch.Generator().manual_seed(1))
+
+
+def _generate(model, ids, **kw):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                          min_new_tokens=NEW, **kw)
+
+
+@pytest.fixture(scope="module")
+def plain(model, prompt):
+    return _generate(model, prompt)
+
+
+BYTES_PER_TOKEN = 2 * D * 4  # key + value, float32
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("streaming", dict(sinks=2, window=64)), ("h2o", dict(budget=1.0)), ("snapkv", dict(budget=1.0, obs_window=4)),
+    ("razor", dict(sinks=4, window=64, probe_period=8)), ("quest", dict(topk=64)),
+])
+def test_full_budget_matches_plain_generate(model, prompt, plain, name, opts):
+    with kv_policy(model, name, **opts) as kv:
+        out = _generate(model, prompt)
+        mem = kv.memory()
+    assert torch.equal(out, plain), f"{name}: tokens differ from plain generate"
+    # every token but the last generated one is cached, in every layer and KV head
+    assert mem["kept"] == L * 2 * HKV * (T + NEW - 1) * BYTES_PER_TOKEN
+    assert model.config._attn_implementation == "sdpa"  # restored on exit
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("streaming", dict(sinks=2, window=6)), ("h2o", dict(budget=10)), ("h2o", dict(budget=0.5)),
+    ("snapkv", dict(budget=0.25, obs_window=4)), ("razor", dict(sinks=2, window=4, probe_period=8)),
+    ("quest", dict(topk=1)), ("recycled", dict(stride=2, topk=4)), ("santa", dict(samples=8)),
+])
+def test_each_policy_generates_and_accounts_memory(model, prompt, name, opts):
+    with kv_policy(model, name, **opts) as kv:
+        out = _generate(model, prompt)
+        kept = kv.num_kept()
+        mem = kv.memory()
+    assert out.shape == (2, T + NEW)
+    assert mem["kept"] == sum(int(n.sum()) for n in kept.values()) * BYTES_PER_TOKEN
+    if name == "streaming":
+        assert all(n.tolist() == [[8] * HKV] * 2 for n in kept.values())
+    if name == "h2o" and opts["budget"] == 10:
+        assert all(n.tolist() == [[10] * HKV] * 2 for n in kept.values())
+    if name == "snapkv":  # ceil(0.25 * 24) after prefill, then the generated tokens
+        assert all(n.tolist() == [[6 + NEW - 1] * HKV] * 2 for n in kept.values())
+    if name == "razor":
+        rh = kv.policy.retrieval_heads
+        for layer, n in kept.items():
+            want = torch.where(rh[layer], T + NEW - 1, 2 + 4 + 1 + NEW - 1)
+            assert n.tolist() == [want.tolist()] * 2
+
+
+def test_left_padding_is_dropped_at_prefill(model, prompt):
+    ids = prompt.clone()
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    with kv_policy(model, "snapkv", budget=1.0, obs_window=4) as kv:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+        kept = kv.num_kept()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    assert torch.equal(out, ref)
+    assert kept[0][:, 0].tolist() == [T + NEW - 1 - 3, T + NEW - 1]
+
+
+def test_bad_policy_arguments(model):
+    with pytest.raises(OptionError, match="budget"):
+        with kv_policy(model, "snapkv", budget=0):
+            pass
+    with pytest.raises(OptionError, match="policy"):
+        with kv_policy(model, "bogus"):
+            pass
+    assert model.config._attn_implementation == "sdpa"

@@ -1,0 +1,94 @@
+"""`PagedLayerCache` / `KVCache`: append, gather, evict, per-head counts, pages, memory in bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit.core.contract import AttnkitError
+from attnkit.kv import KVCache, PagedLayerCache
+
+from .helpers import random_cache
+
+
+def test_append_keeps_keys_values_positions():
+    c, k, v = random_cache(B=2, T=10, H=3, page_size=4)
+    kept = c.kept()
+    assert kept["pos"].tolist() == [[list(range(10))] * 3] * 2
+    torch.testing.assert_close(kept["k"], k.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(kept["v"], v.transpose(1, 2), rtol=0, atol=0)
+    assert c.seen.tolist() == [10, 10]
+    assert c.page_table.shape == (6, 3) and int((c.page_table >= 0).sum()) == 18
+
+
+def test_heads_keep_different_counts_and_pages_are_freed():
+    c, k, v = random_cache(B=1, T=12, H=2, page_size=4)
+    c.evict(torch.tensor([[[0, 1, 2, 3, 4], [-1, -1, -1, -1, 7]]]))
+    assert c.num_kept().tolist() == [[7, 11]]
+    assert int((c.page_table[0] >= 0).sum()) == 2  # head 0's first page went back to the pool
+    assert c.kept()["pos"][0, 0, :7].tolist() == [5, 6, 7, 8, 9, 10, 11]
+    slots = c.append(torch.randn(1, 3, 2, 8, dtype=torch.float64), torch.randn(1, 3, 2, 8, dtype=torch.float64))
+    # head 1 reuses its one free slot (7) before taking a new page; head 0 fills slot 4 then a new page
+    assert slots[0, 1].tolist()[0] == 7
+    assert c.num_kept().tolist() == [[10, 14]]
+    assert (c.page_table >= 0).sum(1).tolist() == [3, 4]  # one new page each
+    assert c.kept()["pos"][0, 1].tolist() == list(range(7)) + list(range(8, 15))
+
+
+def test_retain_and_gather_by_slot():
+    c, k, _ = random_cache(B=1, T=9, H=1, page_size=4)
+    c.retain(torch.tensor([[[8, 2, 5, -1]]]))
+    kept = c.kept()
+    assert kept["pos"].tolist() == [[[2, 5, 8]]]
+    torch.testing.assert_close(kept["k"][0, 0], k[0, [2, 5, 8], 0], rtol=0, atol=0)
+
+
+def test_memory_accounting_in_bytes():
+    c, _, _ = random_cache(B=2, T=10, H=2, D=8, page_size=4, dtype=torch.float32)
+    mem = c.memory()
+    assert mem["kept"] == 2 * 2 * 10 * (8 + 8) * 4
+    assert mem["pages"] == 2 * 2 * 3 * 4 * (8 + 8) * 4
+    c.retain(torch.tensor([[[0, 1]] * 2] * 2))
+    assert c.memory()["kept"] == 2 * 2 * 2 * 16 * 4
+    assert c.memory()["pages"] == 2 * 2 * 1 * 4 * 16 * 4
+    kv = KVCache(2)
+    kv.append(0, torch.zeros(1, 3, 2, 4, dtype=torch.float16), torch.zeros(1, 3, 2, 6, dtype=torch.float16))
+    kv.append(1, torch.zeros(1, 5, 1, 4, dtype=torch.float16), torch.zeros(1, 5, 1, 4, dtype=torch.float16))
+    assert kv.nbytes() == (2 * 3 * 10 + 5 * 8) * 2
+
+
+def test_page_bounds_follow_writes_and_evictions():
+    c, k, _ = random_cache(B=1, T=8, H=1, page_size=4)
+    kmin, kmax = c.page_bounds()
+    page0 = int(c.page_table[0, 0])
+    torch.testing.assert_close(kmin[page0].double(), k[0, :4, 0].amin(0), rtol=0, atol=1e-6)
+    c.evict(torch.tensor([[[0]]]))
+    kmin, kmax = c.page_bounds()
+    torch.testing.assert_close(kmax[page0].double(), k[0, 1:4, 0].amax(0), rtol=0, atol=1e-6)
+
+
+def test_pool_grows_past_capacity():
+    c = PagedLayerCache(1, 1, 4, page_size=2, dtype=torch.float32)
+    for _ in range(5):
+        c.append(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+    assert c.num_kept().item() == 15 and c.kept()["pos"][0, 0].tolist() == list(range(15))
+
+
+@pytest.mark.parametrize("bad", [
+    dict(k=torch.zeros(1, 2, 3, 4)), dict(k=torch.zeros(1, 2, 2, 4, dtype=torch.float16)),
+])
+def test_append_errors_name_the_argument(bad):
+    c = PagedLayerCache(1, 2, 4, dtype=torch.float32)
+    k = bad["k"]
+    with pytest.raises(AttnkitError, match="k:"):
+        c.append(k, torch.zeros(1, 2, 2, 4))
+
+
+def test_constructor_and_evict_errors():
+    with pytest.raises(AttnkitError, match="page_size"):
+        PagedLayerCache(1, 1, 4, page_size=0)
+    c, _, _ = random_cache(B=1, T=4, H=1)
+    with pytest.raises(AttnkitError, match="slots"):
+        c.evict(torch.tensor([[[99]]]))
+    with pytest.raises(AttnkitError, match="layer"):
+        KVCache(2).layer(3)

@@ -1,0 +1,123 @@
+"""Sparse decoding readers: quest, recycled, santa, routed (moba) against their definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit.core.contract import OptionError
+from attnkit.kv.sparse import Quest, Recycled, Routed, Santa, slot_attention
+
+from ..conftest import assert_close64
+from .helpers import oracle_over_kept, random_cache
+
+HQ = 4
+
+
+def _q(seed: int, B: int = 2, tq: int = 1, D: int = 8) -> torch.Tensor:
+    return torch.randn(B, tq, HQ, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_quest_bounds_and_top_pages():
+    c, k, _ = random_cache(T=40, page_size=4)
+    q = _q(1)
+    r = Quest(topk=3)
+    bounds = r.page_scores(q, c)
+    G = HQ // c.num_heads
+    for b in range(2):
+        for h in range(c.num_heads):
+            for p in range(10):
+                kp = k[b, 4 * p: 4 * p + 4, h]
+                direct = max(float(torch.maximum(q[b, 0, hq] * kp.amin(0), q[b, 0, hq] * kp.amax(0)).sum())
+                             for hq in range(h * G, h * G + G))
+                assert abs(float(bounds[b, h, p]) - direct) < 1e-5
+                # an upper bound of every true score in the page
+                assert all(float(q[b, 0, hq] @ kk) <= direct + 1e-5 for hq in range(h * G, h * G + G) for kk in kp)
+    sel = r.select(q, c, 8 ** -0.5)
+    assert sel.k_block == 4 and sel.indices.shape == (2, 2, 1, 3)
+    assert torch.equal(sel.indices[:, :, 0].long().sort(-1).values, bounds.topk(3).indices.sort(-1).values)
+    out = r.attend(q, c, backend="reference")
+    pages = sel.indices[:, :, 0].long()
+    want = oracle_over_kept(q, c, lambda b, h: torch.isin(torch.arange(c.capacity) // 4, pages[b, h]))
+    assert_close64(out, want, rtol=1e-10)
+
+
+def test_quest_with_all_pages_equals_dense():
+    c, _, _ = random_cache(T=37, page_size=4)
+    q = _q(2)
+    assert_close64(Quest(topk=100).attend(q, c, backend="reference"), oracle_over_kept(q, c), rtol=1e-10)
+
+
+def test_recycled_full_steps_and_recycled_steps():
+    c, _, _ = random_cache(T=30, page_size=4)
+    r = Recycled(stride=3, topk=5)
+    q0 = _q(3)
+    mass = slot_attention(q0, c, 8 ** -0.5)
+    assert_close64(r.attend(q0, c, backend="reference"), oracle_over_kept(q0, c), rtol=1e-10)  # full step
+    top = mass.topk(5, dim=-1).indices
+    for step in range(2):
+        k1 = torch.randn(2, 1, 2, 8, dtype=torch.float64)
+        c.append(k1, k1)
+        q1 = _q(10 + step)
+        out = r.attend(q1, c, backend="reference")
+        want = oracle_over_kept(q1, c, lambda b, h: torch.isin(torch.arange(c.capacity), top[b, h])
+                                | (c.logical()["pos"][b, h] >= 29))  # the full step's own token on
+        assert_close64(out, want, rtol=1e-10)
+    q3 = _q(20)
+    k1 = torch.randn(2, 1, 2, 8, dtype=torch.float64)
+    c.append(k1, k1)
+    assert_close64(r.attend(q3, c, backend="reference"), oracle_over_kept(q3, c), rtol=1e-10)  # full again
+
+
+def test_santa_is_seeded_and_unbiased():
+    c, _, _ = random_cache(T=30, page_size=4)
+    q = _q(4)
+    a = Santa(samples=16, seed=7).attend(q, c)
+    b = Santa(samples=16, seed=7).attend(q, c)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, Santa(samples=16, seed=8).attend(q, c))
+    exact = oracle_over_kept(q, c)
+    for stratified in (True, False):
+        s = Santa(samples=64, seed=0, stratified=stratified)
+        mean = torch.stack([s.attend(q, c) for _ in range(200)]).mean(0)  # 12800 samples
+        assert (mean - exact).abs().max() < 0.06
+    # stratified sampling has lower variance than independent sampling
+    var = [torch.stack([Santa(samples=32, seed=i, stratified=st).attend(q, c) for i in range(50)]).var(0).mean()
+           for st in (True, False)]
+    assert var[0] < var[1]
+
+
+def _routed_options(method, q, T):
+    if method == "dsa":
+        g = torch.Generator().manual_seed(9)
+        return {"topk": 7, "q_idx": torch.randn(2, 1, 2, 4, generator=g, dtype=torch.float64),
+                "k_idx": torch.randn(2, T, 4, generator=g, dtype=torch.float64),
+                "w": torch.rand(2, 1, 2, generator=g, dtype=torch.float64)}
+    return {"block_size": 8, "topk": 2 if method == "moba" else 3}
+
+
+@pytest.mark.parametrize("method", ["moba", "nsa", "dsa"])
+def test_routed_equals_sparse_attention_with_the_method_selection(method):
+    mod = pytest.importorskip(f"attnkit.methods.{method}", reason=f"{method} not present in this checkout")
+    from attnkit.ops import sparse_attention
+
+    c, k, v = random_cache(T=33, page_size=4)
+    k1 = torch.randn(2, 1, 2, 8, dtype=torch.float64)
+    c.append(k1, k1)
+    kk, vv = torch.cat([k, k1], 1), torch.cat([v, k1], 1)
+    q = _q(5)
+    opts = _routed_options(method, q, 34)
+    out = Routed(method, opts).attend(q, c, backend="reference")
+    sel = mod.select(q, kk, causal=True, **opts)
+    want = sparse_attention(q, kk, vv, sel, causal=True)
+    assert_close64(out, want, rtol=1e-10)
+
+
+def test_routed_needs_an_unevicted_cache_and_reader_options_are_checked():
+    c, _, _ = random_cache(T=20, page_size=4)
+    c.evict(torch.tensor([[[3]] * 2] * 2))
+    with pytest.raises(Exception, match="cache"):
+        Routed("moba", {"block_size": 4, "topk": 2}).attend(_q(0), c)
+    for bad in (lambda: Quest(topk=0), lambda: Recycled(stride=0), lambda: Santa(samples=-1)):
+        with pytest.raises(OptionError):
+            bad()
