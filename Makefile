@@ -16,7 +16,7 @@ $(VENV)/.installed-%: pyproject.toml
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-bench,eval
 	$(VENV)/bin/attnkit bench --quick
 
 list: $(VENV)/.installed-test

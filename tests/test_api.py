@@ -19,9 +19,9 @@ def qkv(T=16, Hq=4, Hkv=2, D=8):
 
 
 def test_every_method_runs_through_attention_with_its_example_options() -> None:
-    q, k, v = qkv()
-    call = validate_attention(q, k, v)
     for spec in registry.methods():
+        q, k, v = qkv(Hkv=2 if spec.capabilities.gqa else 4)
+        call = validate_attention(q, k, v)
         opts = spec.example(call)
         out = ak.attention(q, k, v, method=spec.name, **opts)
         out = out[0] if isinstance(out, tuple) else out

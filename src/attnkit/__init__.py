@@ -11,6 +11,7 @@ Tensors are sequence-first: q `[B, Tq, Hq, D]`, k `[B, Tk, Hkv, D]`, v `[B, Tk, 
 from . import core, ops, registry
 from . import methods  # noqa: F401  (registers the softmax-family methods)
 from . import linear  # noqa: F401  (registers the linear / recurrent family)
+from . import kv, layers, models
 from .api import attention, explain
 from .core import AttnkitError, BackendError, KVSelection, OptionError, from_bhtd, masks, to_bhtd
 from .registry import list_methods
@@ -19,5 +20,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttnkitError", "BackendError", "KVSelection", "OptionError", "__version__", "attention", "core", "explain",
-    "from_bhtd", "linear", "list_methods", "masks", "methods", "ops", "registry", "to_bhtd",
+    "from_bhtd", "kv", "layers", "linear", "list_methods", "masks", "methods", "models", "ops", "registry", "to_bhtd",
 ]
+
+
+def __getattr__(name: str):
+    # `attnkit.hf` imports transformers: load it only when asked for
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'attnkit' has no attribute {name!r}")

@@ -288,6 +288,33 @@ _ROWS = [
      "delta rule with per-channel decay diag(exp(g_t)) on S_{t-1}, g [B,T,H,K]", KDAOptions),
 ]
 
+def _example(method: str) -> Callable[[AttentionCall], dict[str, Any]]:
+    """Seeded gates for the benchmark and the smoke tests: decays in log space near fla's usual
+    range (logsigmoid / 16, so memory spans tens of tokens), beta = sigmoid(.)."""
+
+    def example(call: AttentionCall) -> dict[str, Any]:
+        B, T, H, K = call.batch, call.tq, call.hq, call.head_dim
+        gen = torch.Generator(device=call.device).manual_seed(0)
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen, device=call.device, dtype=torch.float32)
+
+        decay = lambda *shape: (torch.nn.functional.logsigmoid(rand(*shape)) / 16).to(call.dtype)
+        beta = lambda: torch.sigmoid(rand(B, T, H)).to(call.dtype)
+        return {
+            "linear_attention": lambda: {},
+            "simple_gla": lambda: {"g": decay(B, T, H)},
+            "lightning_attention": lambda: {"layer_idx": 0, "num_layers": 2},
+            "gla": lambda: {"g": decay(B, T, H, K)},
+            "delta_rule": lambda: {"beta": beta(), "use_qk_l2norm_in_kernel": True},
+            "gated_delta_rule": lambda: {"g": decay(B, T, H), "beta": beta(), "use_qk_l2norm_in_kernel": True},
+            "kda": lambda: {"g": decay(B, T, H, K), "beta": beta(), "use_qk_l2norm_in_kernel": True},
+        }[method]()
+
+    return example
+
+
 for _name, _paper, _summary, _opts in _ROWS:
     register(MethodSpec(name=_name, family="linear", paper=_paper, summary=_summary, options=_opts,
-                        capabilities=CAPS, backends=_backends(_name), docs=f"docs/methods/{_name}.md", tier=1))
+                        capabilities=CAPS, backends=_backends(_name), docs=f"docs/methods/{_name}.md", tier=1,
+                        example=_example(_name)))
