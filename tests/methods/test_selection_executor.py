@@ -149,11 +149,13 @@ def test_property_forward_equals_oracle(method, tq, extra_k, hkv, group, block, 
     assert 0.0 <= d <= 1.0 + 1e-12, f"{method}: density {d} outside [0, 1]"
 
 
-def test_all_six_registered_with_reference_backend():
+def test_all_six_registered_with_reference_and_gpu_backends():
     rows = {r["name"]: r for r in ak.list_methods()}
+    expected_backends = {"block_topk": ["flex", "triton", "reference"]}
     for name in ("moba", "nsa", "dsa", "block_topk", "power", "stochastic"):
         assert name in rows, f"{name} is not registered"
-        assert rows[name]["backends"] == ["reference"], f"{name}: backends {rows[name]['backends']}"
+        want = expected_backends.get(name, ["triton", "reference"])
+        assert rows[name]["backends"] == want, f"{name}: backends {rows[name]['backends']}, expected {want}"
         caps = rows[name]["capabilities"]
         expected_lse = name != "nsa"
         assert caps["lse"] is expected_lse, f"{name}: lse capability {caps['lse']}, expected {expected_lse}"

@@ -17,8 +17,8 @@ import torch
 
 from ..core.contract import AttentionCall, OptionError
 from ..core.selection import KVSelection, cdiv
-from ..ops._backends import run_reference
-from ..registry import Backend, Capabilities, MethodSpec, register
+from ..ops.executors import selection_backends
+from ..registry import Capabilities, MethodSpec, register
 
 SelectFn = Callable[[AttentionCall, Any], KVSelection]
 
@@ -166,12 +166,11 @@ def register_selection(
     example: Callable[[AttentionCall], dict[str, Any]],
     capabilities: Capabilities = Capabilities(),
     tier: int = 1,
+    flex_block: Optional[Callable[[Any], Optional[int]]] = None,
 ) -> MethodSpec:
-    """Register a method whose visibility is `select(call, opts)` run by the shared sparse executor."""
-
-    def reference(call: AttentionCall, opts: Any) -> Any:
-        return run_reference(call, selection=select(call, opts))
-
+    """Register a method whose visibility is `select(call, opts)` run by the shared sparse executors
+    (`ops.executors.selection_backends`: triton on CUDA, flex for block-level selections whose
+    `flex_block(opts)` is a multiple of 128, reference everywhere)."""
     return register(
         MethodSpec(
             name=name,
@@ -180,7 +179,7 @@ def register_selection(
             summary=summary,
             options=options,
             capabilities=capabilities,
-            backends=(Backend("reference", reference),),
+            backends=selection_backends(select, flex_block),
             docs=f"docs/methods/{name}.md",
             tier=tier,
             example=example,

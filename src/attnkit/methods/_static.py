@@ -6,8 +6,8 @@ from typing import Any, Callable
 
 from ..core.contract import AttentionCall, OptionError
 from ..core.masks import Mask
-from ..ops._backends import run_reference
-from ..registry import Backend, Capabilities, MethodSpec, register
+from ..ops.executors import mask_backends
+from ..registry import Capabilities, MethodSpec, register
 
 
 def check_int(name: str, value: object, minimum: int) -> None:
@@ -26,9 +26,6 @@ def register_static(
 ) -> MethodSpec:
     """Register a method whose visibility is a mask predicate built from its options."""
 
-    def reference(call: AttentionCall, opts: Any) -> Any:
-        return run_reference(call, mask=make_mask(opts))
-
     return register(
         MethodSpec(
             name=name,
@@ -37,7 +34,7 @@ def register_static(
             summary=summary,
             options=options,
             capabilities=Capabilities(),
-            backends=(Backend("reference", reference),),
+            backends=mask_backends(make_mask),
             docs=f"docs/methods/{name}.md",
             tier=tier,
             example=example,

@@ -118,4 +118,5 @@ SPEC = register_selection(
     options=BlockTopkOptions,
     select=policy,
     example=_example,
+    flex_block=lambda opts: opts.block_size,
 )

@@ -31,6 +31,8 @@ from ..core import masks
 from ..core.contract import AttentionCall, OptionError, validate_attention
 from ..core.masks import Mask
 from ..core.reference import blockwise_attention
+from ..ops._flex import flex_why_not_mask, run_flex_mask
+from ..ops._triton import run_triton, triton_why_not
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_sizes
 from ..registry import Backend, Capabilities, MethodOptions, MethodSpec, register
@@ -160,8 +162,12 @@ def policy(call: AttentionCall, block_size: int, topk: int) -> KVSelection:
     return selection_from_lse(call, block_size, topk, lse)
 
 
-def run(call: AttentionCall, opts: NsaOptions) -> torch.Tensor:
-    """The gated mix of the three branches: `[B, Tq, Hq, Dv]` (reference executors)."""
+def run(call: AttentionCall, opts: NsaOptions, gpu: bool = False) -> torch.Tensor:
+    """The gated mix of the three branches: `[B, Tq, Hq, Dv]`.
+
+    `gpu=False` runs every branch on the reference executor. `gpu=True` runs the selected branch on
+    the Triton sparse kernel (per-token rows, selection shared by the KV group) and the window on
+    FlexAttention; the compressed branch (Tk / block_size pooled keys) stays on the reference."""
     cd = compute_dtype(call.dtype)
     out = torch.zeros(*call.q.shape[:3], call.v.shape[-1], dtype=cd, device=call.device)
 
@@ -176,12 +182,18 @@ def run(call: AttentionCall, opts: NsaOptions) -> torch.Tensor:
     if opts.g_slc is not None:
         sel = (policy(call, opts.block_size, opts.topk) if lse_cmp is None
                else selection_from_lse(call, opts.block_size, opts.topk, lse_cmp))
-        o_slc, _ = blockwise_attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
-                                       cu_seqlens=call.cu_seqlens, selection=sel)
+        if gpu:
+            o_slc = run_triton(call, sel)
+        else:
+            o_slc, _ = blockwise_attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
+                                           cu_seqlens=call.cu_seqlens, selection=sel)
         add(opts.g_slc, o_slc)
     if opts.g_swa is not None:
-        o_swa, _ = blockwise_attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
-                                       cu_seqlens=call.cu_seqlens, mask=masks.sliding_window(opts.window))
+        if gpu:
+            o_swa = run_flex_mask(call, masks.sliding_window(opts.window))
+        else:
+            o_swa, _ = blockwise_attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,
+                                           cu_seqlens=call.cu_seqlens, mask=masks.sliding_window(opts.window))
         add(opts.g_swa, o_swa)
     return out.to(call.dtype)
 
@@ -215,7 +227,12 @@ SPEC = register(
         summary="gated mix of compressed (mean-pooled blocks), selected (top-k blocks) and sliding-window branches",
         options=NsaOptions,
         capabilities=Capabilities(lse=False),
-        backends=(Backend("reference", run, lse=False),),
+        backends=(
+            Backend("triton", lambda call, opts: run(call, opts, gpu=True), devices=("cuda",),
+                    dtypes=(torch.float16, torch.bfloat16, torch.float32), lse=False, varlen=False,
+                    supports=lambda call, opts: triton_why_not(call, None) or flex_why_not_mask(call, None)),
+            Backend("reference", run, lse=False),
+        ),
         docs="docs/methods/nsa.md",
         example=_example,
     )

@@ -1,0 +1,85 @@
+"""Registry backends for methods that are "a selection (or a mask) + a shared executor".
+
+DESIGN.md section 1: a mechanism is a selection policy handed to shared executors. These helpers
+turn a policy into the backends a `MethodSpec` lists, so every selection-based method gains a
+GPU path the day an executor learns a new trick, without touching the method:
+
+- `selection_backends(select)`: `triton` (attnkit's sparse kernels, CUDA, every selection shape),
+  optionally `flex` first (block-level selections whose blocks are multiples of 128, where the
+  H100 measurements in `results/executors_h100.json` show FlexAttention ahead), then `reference`.
+- `mask_backends(make_mask)`: `flex` (CUDA; the predicate compiled into a block mask), then
+  `reference`.
+
+The `supports` checks use only the call and the options, never the selection, so `explain()` and
+dispatch stay cheap; the selection is computed once, by the backend that runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..core.contract import AttentionCall
+from ..core.masks import Mask
+from ..core.selection import KVSelection
+from ..registry import Backend
+from ._backends import run_reference
+from ._flex import FLEX_BLOCK, flex_why_not_mask, run_flex_mask, run_flex_selection
+from ._triton import run_triton, triton_why_not
+
+SelectFn = Callable[[AttentionCall, Any], KVSelection]
+_HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_supports(call: AttentionCall, opts: Any) -> Optional[str]:
+    return triton_why_not(call, None)  # type: ignore[arg-type]  (the selection is not needed to decide)
+
+
+def selection_backends(select: SelectFn, flex_block: Optional[Callable[[Any], Optional[int]]] = None) -> tuple[Backend, ...]:
+    """Backends for a method whose visibility is `select(call, opts)`.
+
+    `flex_block(opts)` returns the method's (square) block size when its selection is block-level,
+    else None; the flex backend serves it when that size is a multiple of FlexAttention's 128."""
+
+    def reference(call: AttentionCall, opts: Any) -> Any:
+        return run_reference(call, selection=select(call, opts))
+
+    def triton(call: AttentionCall, opts: Any) -> Any:
+        return run_triton(call, select(call, opts))
+
+    backends = [Backend("triton", triton, devices=("cuda",), dtypes=_HALF_AND_SINGLE, supports=_triton_supports)]
+    if flex_block is not None:
+
+        def flex_supports(call: AttentionCall, opts: Any) -> Optional[str]:
+            reason = flex_why_not_mask(call, None)  # type: ignore[arg-type]
+            if reason:
+                return reason
+            bs = flex_block(opts)
+            if bs is None or bs % FLEX_BLOCK:
+                return f"block-level selections with blocks a multiple of {FLEX_BLOCK} only (block_size={bs})"
+            return None
+
+        def flex(call: AttentionCall, opts: Any) -> Any:
+            return run_flex_selection(call, select(call, opts), None)
+
+        backends.insert(0, Backend("flex", flex, devices=("cuda",), dtypes=_HALF_AND_SINGLE, varlen=False,
+                                   supports=flex_supports))
+    backends.append(Backend("reference", reference))
+    return tuple(backends)
+
+
+def mask_backends(make_mask: Callable[[Any], Mask]) -> tuple[Backend, ...]:
+    """Backends for a method whose visibility is the predicate `make_mask(opts)`."""
+
+    def reference(call: AttentionCall, opts: Any) -> Any:
+        return run_reference(call, mask=make_mask(opts))
+
+    def flex(call: AttentionCall, opts: Any) -> Any:
+        return run_flex_mask(call, make_mask(opts))
+
+    return (
+        Backend("flex", flex, devices=("cuda",), dtypes=_HALF_AND_SINGLE, varlen=False,
+                supports=lambda call, opts: flex_why_not_mask(call, None)),  # type: ignore[arg-type]
+        Backend("reference", reference),
+    )
