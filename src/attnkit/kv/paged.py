@@ -42,7 +42,8 @@ class PagedLayerCache:
         self.head_dim = _check_pos_int("head_dim", head_dim)
         self.head_dim_v = _check_pos_int("head_dim_v", head_dim_v if head_dim_v is not None else head_dim)
         self.page_size = _check_pos_int("page_size", page_size)
-        self.dtype, self.device = dtype, torch.device(device)
+        # resolve "cuda" to "cuda:N" so device comparisons with tensors hold
+        self.dtype, self.device = dtype, torch.empty(0, device=device).device
         rows = self.rows
         pages = max(1, -(-_check_pos_int("capacity_tokens", capacity_tokens, 0) // page_size)) * rows
         self._alloc_pool(pages)
