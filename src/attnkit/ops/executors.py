@@ -5,8 +5,11 @@ turn a policy into the backends a `MethodSpec` lists, so every selection-based m
 GPU path the day an executor learns a new trick, without touching the method:
 
 - `selection_backends(select)`: `triton` (attnkit's sparse kernels, CUDA, every selection shape),
-  optionally `flex` first (block-level selections whose blocks are multiples of 128, where the
-  H100 measurements in `results/executors_h100.json` show FlexAttention ahead), then `reference`.
+  then optionally `flex` (block-level selections whose blocks are multiples of 128), then
+  `reference`. Order by measurement: with the selection included, `block_topk` ran faster on
+  triton than on flex in `results/bench-gpu-h100` (4.55 vs 6.48 ms at T = 4K), and flex ran out
+  of memory at 16K there (see docs/executors.md), although the executor-only measurements in
+  `results/executors_h100.json` put FlexAttention ahead on a fixed selection.
 - `mask_backends(make_mask)`: `flex` (CUDA; the predicate compiled into a block mask), then
   `reference`.
 
@@ -63,7 +66,7 @@ def selection_backends(select: SelectFn, flex_block: Optional[Callable[[Any], Op
         def flex(call: AttentionCall, opts: Any) -> Any:
             return run_flex_selection(call, select(call, opts), None)
 
-        backends.insert(0, Backend("flex", flex, devices=("cuda",), dtypes=_HALF_AND_SINGLE, varlen=False,
+        backends.append(Backend("flex", flex, devices=("cuda",), dtypes=_HALF_AND_SINGLE, varlen=False,
                                    supports=flex_supports))
     backends.append(Backend("reference", reference))
     return tuple(backends)
