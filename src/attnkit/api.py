@@ -6,8 +6,9 @@ from typing import Any, Optional
 
 import torch
 
-from .core.contract import validate_attention
-from .registry import Explanation, check_capabilities, choose_backend, ensure_backend, get_method, parse_options
+from .core.contract import AttentionCall, validate_attention
+from .registry import (Explanation, MethodOptions, MethodSpec, check_capabilities, choose_backend, ensure_backend,
+                       get_method, parse_options)
 
 
 def attention(
@@ -30,10 +31,7 @@ def attention(
     options are keyword arguments; `backend="auto"` picks the first backend that supports the
     call (`attnkit.explain` says why).
     """
-    spec = get_method(method)
-    call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
-    check_capabilities(spec, call)
-    opts = parse_options(spec, call, options)
+    spec, call, opts = _prepare(q, k, v, method, causal, scale, cu_seqlens, return_lse, options)
     chosen = ensure_backend(choose_backend(spec, call, opts, backend))
     return spec.backend(chosen).run(call, opts)
 
@@ -52,8 +50,15 @@ def explain(
     **options: Any,
 ) -> Explanation:
     """For the same arguments as `attention`, say which backend would run and why the others would not."""
+    spec, call, opts = _prepare(q, k, v, method, causal, scale, cu_seqlens, return_lse, options)
+    return choose_backend(spec, call, opts, backend)
+
+
+def _prepare(q: Any, k: Any, v: Any, method: str, causal: bool, scale: Optional[float],
+             cu_seqlens: Optional[torch.Tensor], return_lse: bool,
+             options: dict[str, Any]) -> tuple[MethodSpec, AttentionCall, MethodOptions]:
+    """Validate everything (inputs, capabilities, options) before any computation."""
     spec = get_method(method)
     call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
     check_capabilities(spec, call)
-    opts = parse_options(spec, call, options)
-    return choose_backend(spec, call, opts, backend)
+    return spec, call, parse_options(spec, call, options)
