@@ -10,7 +10,7 @@ import torch
 
 from attnkit.bench import capture, timing
 from attnkit.bench.runner import new_row
-from attnkit.bench.schema import SCHEMA, validate
+from attnkit.bench.schema import SCHEMA, SCHEMA_VERSION, validate
 from attnkit.bench.workloads import Shape, random_workload, structured_workload
 from attnkit.cli import main
 from attnkit.core import naive_attention
@@ -74,7 +74,7 @@ def test_schema_validator_reports_what_differs() -> None:
     assert SCHEMA["properties"]["rows"]["items"]["additionalProperties"] is False
     row = new_row(method="m", family="sparse", workload="random", T=8, batch=1, heads_q=2, heads_kv=1, head_dim=4,
                   dtype="fp32", device="cpu")
-    doc = {"schema_version": 1, "created": "now", "command": "attnkit bench", "config": {},
+    doc = {"schema_version": SCHEMA_VERSION, "created": "now", "command": "attnkit bench", "config": {},
            "device": {"type": "cpu", "name": "x"}, "versions": {"python": "3", "torch": "2", "attnkit": "0"},
            "git": {"commit": None, "dirty": None}, "workloads": [], "rows": [row]}
     assert validate(doc) == []
@@ -82,8 +82,13 @@ def test_schema_validator_reports_what_differs() -> None:
     bad["rows"][0]["recall"] = float("nan")
     bad["rows"][0]["T"] = 0
     del bad["rows"][0]["time_ms"]
+    del bad["rows"][0]["select_ms"]
     problems = validate(bad)
     assert any("$.rows[0]: missing required key 'time_ms'" in p for p in problems), problems
+    assert any("$.rows[0]: missing required key 'select_ms'" in p for p in problems), problems
+    old = json.loads(json.dumps(doc))
+    old["schema_version"] = 1
+    assert any("$.schema_version" in p for p in validate(old)), "a version-1 file must not pass as version 2"
     assert any("$.rows[0].recall" in p for p in problems) and any("$.rows[0].T: expected >= 1" in p for p in problems)
 
 

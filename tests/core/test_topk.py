@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnkit.core.contract import AttnkitError
-from attnkit.core.topk import streaming_topk, tile_sizes
+from attnkit.core import topk as topk_mod
+from attnkit.core.topk import CUDA_TILE_BUDGET, TILE_BUDGET, streaming_topk, tile_budget, tile_sizes
 
 
 def run(full: torch.Tensor, k: int, rc: int, cc: int, col_stop=None):
@@ -75,6 +76,50 @@ def test_bad_arguments_raise():
 def test_tile_sizes_respect_the_budget():
     r, c = tile_sizes(65536, 65536, elems_per_pair=6)
     assert c <= 4096 and r * c * 6 <= 1 << 22 and r >= 1
+    assert tile_sizes(65536, 65536, elems_per_pair=6, device="cpu") == (r, c), "the CPU policy is the default"
+
+
+def test_tile_sizes_per_device():
+    assert tile_budget() == tile_budget("cpu") == TILE_BUDGET and tile_budget("cuda") == CUDA_TILE_BUDGET
+    assert CUDA_TILE_BUDGET * 4 == 512 << 20, "a CUDA tile is 512 MiB of float32"
+    # MoBA at T = 64K (block 64: 1024 key blocks, Hq = 16): every column in one tile, a handful of row tiles
+    r, c = tile_sizes(65536, 1024, elems_per_pair=32, device="cuda")
+    assert c == 1024 and r * c * 32 <= CUDA_TILE_BUDGET and -(-65536 // r) <= 32, (r, c)
+    r_cpu, c_cpu = tile_sizes(65536, 1024, elems_per_pair=32, device="cpu")
+    assert -(-65536 // r_cpu) >= 8 * -(-65536 // r), "CUDA tiles should be far larger than CPU tiles"
+    # DSA at T = 64K (Hi = 4): a tile spans whole key rows, still within the budget
+    r, c = tile_sizes(65536, 65536, elems_per_pair=6, device="cuda")
+    assert c == 65536 and r * c * 6 <= CUDA_TILE_BUDGET and r >= 128, (r, c)
+    # a row too wide for the budget is cut into columns rather than overflowing it
+    r, c = tile_sizes(8, 1 << 30, elems_per_pair=2, device="cuda")
+    assert r == 1 and c * 2 <= CUDA_TILE_BUDGET
+
+
+@settings(max_examples=20)
+@given(rows=st.integers(1, 60), k=st.integers(1, 12), rc=st.integers(1, 6), cc=st.integers(1, 70),
+       budget=st.integers(1, 400), seed=st.integers(0, 1000))
+def test_grown_rows_stay_in_budget_and_equal_topk(rows, k, rc, cc, budget, seed):
+    cols = rows  # causal square: row r sees columns <= r
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(2, rows, cols, generator=g, dtype=torch.float64)
+    full = full.masked_fill(torch.arange(cols) > torch.arange(rows).view(-1, 1), float("-inf"))
+    calls = []
+
+    def score(r, c):
+        calls.append((r, c))
+        return full[..., r, c]
+
+    v, i = streaming_topk(score, (2,), rows, cols, k, row_chunk=rc, col_chunk=cc, col_stop=lambda r: r.stop,
+                          dtype=full.dtype, max_tile_elems=budget)
+    want_v, want_i = full.topk(min(k, cols), dim=-1)
+    assert torch.equal(v, want_v)
+    finite = torch.isfinite(want_v)
+    assert torch.equal(i[finite].long(), want_i[finite])
+    covered = sorted((r.start, r.stop) for r, c in calls if c.start == 0)
+    assert covered[0][0] == 0 and covered[-1][1] == rows and all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+    for r, c in calls:  # a grown chunk never exceeds the budget (a chunk of row_chunk rows may: it is the floor)
+        n = r.stop - r.start
+        assert n <= rc or n * (c.stop - c.start) <= budget, (r, c, budget)
 
 
 _PROBE = textwrap.dedent("""

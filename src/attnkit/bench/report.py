@@ -19,12 +19,13 @@ Row = dict[str, Any]
 
 COLUMNS = [
     ("workload", "workload"), ("T", "T"), ("dtype", "dtype"), ("method", "method"), ("backend", "backend"),
-    ("options", "options"), ("time_ms", "time ms"), ("speedup", "vs SDPA"), ("tflops", "TFLOP/s"),
+    ("options", "options"), ("time_ms", "time ms"), ("select_ms", "select ms"), ("speedup", "vs SDPA"),
+    ("tflops", "TFLOP/s"),
     ("peak_memory_bytes", "peak MiB"), ("rel_error", "rel. error"), ("cosine", "cosine"),
     ("lse_error", "LSE err"), ("recall", "recall"), ("density", "density"), ("needle_hits", "needles"),
     ("status", "status"),
 ]
-TERMINAL = ["workload", "T", "dtype", "method", "backend", "time_ms", "speedup", "peak_memory_bytes",
+TERMINAL = ["workload", "T", "dtype", "method", "backend", "time_ms", "select_ms", "speedup", "peak_memory_bytes",
             "rel_error", "recall", "density", "status"]
 
 
@@ -43,7 +44,7 @@ def cell(row: Row, key: str) -> str:
         return "-"
     if key == "peak_memory_bytes":
         return f"{val / 2**20:.1f}"
-    if key == "time_ms":
+    if key in ("time_ms", "select_ms"):
         return f"{val:.3g}" if val < 1000 else f"{val:.0f}"
     if key == "speedup":
         return f"{val:.2f}x"

@@ -20,12 +20,12 @@ import torch
 
 from ..core.contract import AttentionCall, validate_attention
 from ..registry import MethodSpec, choose_backend, get_method, parse_options
-from . import metrics, visibility
+from . import metrics, selection_time, visibility
 from .baselines import Baseline, for_device
 from .capture import Unavailable
 from .progress import Progress
 from .schema import SCHEMA_VERSION, validate
-from .timing import measure
+from .timing import measure, time_call
 from .workloads import Shape, Workload, random_workload, real_workload, structured_workload
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
@@ -116,7 +116,7 @@ def new_row(**fields: Any) -> dict[str, Any]:
         "method": None, "family": None, "kind": "method", "backend": None, "options": {}, "workload": None,
         "T": None, "batch": None, "heads_q": None, "heads_kv": None, "head_dim": None, "dtype": None,
         "device": None, "causal": True, "status": "ok", "error": None, "notes": [], "time_ms": None,
-        "repeats": 0, "flops": None, "tflops": None, "peak_memory_bytes": None, "memory_measure": None,
+        "select_ms": None, "repeats": 0, "flops": None, "tflops": None, "peak_memory_bytes": None, "memory_measure": None,
         "rel_error": None, "cosine": None, "lse_error": None, "recall": None, "recall_min": None,
         "density": None, "needle_hits": None, "speedup": None, "fidelity_note": None, "recall_source": None,
     }
@@ -383,13 +383,46 @@ class Runner:
                 cache.append(self._selection(g, spec, call, options))
             return cache[0]
 
+        sel_cache: list[tuple[Optional[float], Optional[str]]] = []
+
+        def select_ms() -> tuple[Optional[float], Optional[str]]:  # once per method, only if a row ran
+            if not sel_cache:
+                sel_cache.append(self._selection_time(spec, call, options))
+            return sel_cache[0]
+
         rows = []
         for backend in backends:
             row = {**template, "notes": list(template["notes"]), "backend": backend}
             self._method_row(row, g, spec, call, options, backend, stats)
+            if row["status"] == "ok":
+                row["select_ms"], note = select_ms()
+                if note:
+                    row["notes"].append(note)
             rows.append(row)
             bar.step(f"{spec.name}[{backend}]")
         return rows
+
+    def _selection_time(self, spec: MethodSpec, call: AttentionCall,
+                        options: dict[str, Any]) -> tuple[Optional[float], Optional[str]]:
+        """Median ms of the method's selection alone (`selection_time.selection_fn`), timed like the
+        row (CUDA events on CUDA, same warm-up, repeats and budget). `(None, None)` for a method
+        without a separate selection; `(None, why)` when it could not be timed."""
+        try:
+            fn = selection_time.selection_fn(spec, call, options)
+        except Exception as e:
+            return None, f"select_ms n/a: {_one_line(e)}"
+        if fn is None:
+            return None, None
+        reason = self._over_deadline()
+        if reason:
+            return None, f"select_ms not measured: {reason}"
+        try:
+            timing = time_call(fn, self.cfg.device, self.cfg.warmup, self.cfg.repeats, self.cfg.budget_s)
+            return timing.median_ms, None
+        except Exception as e:
+            note = f"select_ms failed: {('out of memory: ' if _is_oom(e) else '') + _one_line(e)}"
+        _free(self.cfg.device)
+        return None, note
 
     def _selection(self, g: _Group, spec: MethodSpec, call: AttentionCall,
                    options: dict[str, Any]) -> tuple[Optional[metrics.SelectionStats], str]:

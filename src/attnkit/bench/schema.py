@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rows gained select_ms
 
 _NUM_OR_NULL = {"type": ["number", "null"]}
 _INT_OR_NULL = {"type": ["integer", "null"]}
@@ -20,7 +20,7 @@ ROW = {
     "type": "object",
     "required": [
         "method", "family", "kind", "backend", "options", "workload", "T", "batch", "heads_q", "heads_kv",
-        "head_dim", "dtype", "device", "causal", "status", "error", "notes", "time_ms", "repeats", "flops",
+        "head_dim", "dtype", "device", "causal", "status", "error", "notes", "time_ms", "select_ms", "repeats", "flops",
         "tflops", "peak_memory_bytes", "memory_measure", "rel_error", "cosine", "lse_error", "recall",
         "recall_min", "density", "needle_hits", "speedup", "fidelity_note", "recall_source",
     ],
@@ -44,6 +44,7 @@ ROW = {
         "error": _STR_OR_NULL,
         "notes": {"type": "array", "items": {"type": "string"}},
         "time_ms": _NUM_OR_NULL,
+        "select_ms": _NUM_OR_NULL,  # the method's selection alone; null where it has none (dense, baselines)
         "repeats": {"type": "integer", "minimum": 0},
         "flops": _NUM_OR_NULL,
         "tflops": _NUM_OR_NULL,

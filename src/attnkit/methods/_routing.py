@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -17,6 +18,7 @@ import torch
 
 from ..core.contract import AttentionCall, OptionError
 from ..core.selection import KVSelection, cdiv
+from ..core import topk as _topk
 from ..ops.executors import selection_backends
 from ..registry import Capabilities, MethodSpec, register
 
@@ -108,12 +110,18 @@ def block_mean(x: torch.Tensor, block: int, lengths: torch.Tensor, dtype: Option
     return sums / counts.view(N, nb, 1, 1)
 
 
-def compact_rows(idx: torch.Tensor, max_width: int, rows_per_chunk: int = 1 << 14) -> torch.Tensor:
+def compact_rows(idx: torch.Tensor, max_width: int, rows_per_chunk: Optional[int] = None) -> torch.Tensor:
     """Sort each row ascending with -1 padding last; keep at most `max(1, max_width)` columns.
 
     `idx: [..., R, S]` rows must be free of duplicates among valid (>= 0) ids. Returns int32,
-    contiguous; works in chunks of rows so long selections (DSA at T = 64K) stay O(T * S)."""
+    contiguous; works in chunks of rows so long selections (DSA at T = 64K) stay O(T * S): 16K rows
+    on the CPU, as many as `core.topk.tile_budget` allows on an accelerator (one chunk up to 64K)."""
     width = max(1, min(max_width, idx.shape[-1]))
+    if rows_per_chunk is None:
+        rows_per_chunk = 1 << 14
+        if _topk.on_accelerator(idx.device):
+            per_row = max(1, math.prod(idx.shape[:-2]) * idx.shape[-1])
+            rows_per_chunk = max(rows_per_chunk, _topk.tile_budget(idx.device) // per_row)
     out = torch.empty(*idx.shape[:-1], width, dtype=torch.int32, device=idx.device)
     big = torch.iinfo(torch.int32).max
     for r0 in range(0, idx.shape[-2], rows_per_chunk):

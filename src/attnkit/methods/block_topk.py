@@ -77,7 +77,7 @@ def policy(call: AttentionCall, opts: BlockTopkOptions) -> KVSelection:
             drop = ~candidate(m, rows) | forced(m, rows)
             return s.masked_fill(drop.view(N, 1, 1, *drop.shape[1:]), float("-inf")).reshape(N, Hq, *s.shape[-2:])
 
-        row_chunk, col_chunk = tile_sizes(nq, nk, elems_per_pair=N * Hq * 2)
+        row_chunk, col_chunk = tile_sizes(nq, nk, elems_per_pair=N * Hq * 2, device=dev)
         _, top = streaming_topk(score, (N, Hq), nq, nk, opts.topk, row_chunk=row_chunk, col_chunk=col_chunk,
                                 dtype=cd, device=dev)
         # forced blocks: sinks, then the local span (at most local + 1 blocks: a misaligned query block

@@ -22,7 +22,7 @@ import torch
 
 from ..core.contract import AttentionCall, AttnkitError, OptionError, validate_attention
 from ..core.selection import KVSelection
-from ..core.topk import streaming_topk, tile_sizes
+from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..ops.sparse import validate_selection
 from ..registry import MethodOptions
 from ._routing import (SeqView, check_int, check_tensor_shape, check_tensor_type, compact_rows, compute_dtype,
@@ -63,7 +63,8 @@ class _Indexer:
         self.w = view.pad(w.detach()).to(cd).unsqueeze(2)  # [N, Tq, 1, Hi]
         self.q_pos = view.q_pos()
         self.hi = self.q_idx.shape[2]
-        self.shortest = int(view.k_len.min())  # keys past it need the length mask (varlen only)
+        # keys past the shortest sequence need the length mask (varlen only: a host sync, once per call)
+        self.shortest = view.tk if view.packing is None else int(view.k_len.min())
 
     def __call__(self, rows: slice, cols: slice) -> torch.Tensor:
         N, R = self.q_idx.shape[0], rows.stop - rows.start
@@ -88,13 +89,16 @@ def policy(call: AttentionCall, opts: DsaOptions) -> KVSelection:
     with torch.no_grad():
         indexer = _Indexer(view, opts.q_idx, opts.k_idx, opts.w)
         N, Tq, Tk = view.q.shape[0], view.tq, view.tk
-        row_chunk, col_chunk = tile_sizes(Tq, Tk, elems_per_pair=N * (indexer.hi + 2))
+        dev = view.q.device
+        per_pair = N * (indexer.hi + 2)
+        row_chunk, col_chunk = tile_sizes(Tq, Tk, elems_per_pair=per_pair, device=dev)
 
         def col_stop(rows: slice) -> int:
             return rows.stop + view.offset if view.causal else Tk
 
         _, idx = streaming_topk(indexer, (N,), Tq, Tk, opts.topk, row_chunk=row_chunk, col_chunk=col_chunk,
-                                col_stop=col_stop, dtype=compute_dtype(call.dtype), device=view.q.device)
+                                col_stop=col_stop, dtype=compute_dtype(call.dtype), device=dev,
+                                max_tile_elems=tile_budget(dev) // per_pair)
     return KVSelection(compact_rows(idx.unsqueeze(1), opts.topk), q_block=1, k_block=1)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ..core.contract import AttentionCall, validate_attention
 from ..core.selection import KVSelection, cdiv
-from ..core.topk import streaming_topk, tile_sizes
+from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import MethodOptions
 from ._routing import block_mean, check_int, compact_rows, compute_dtype, register_selection, seq_view
 
@@ -55,16 +55,19 @@ def policy(call: AttentionCall, opts: MobaOptions) -> KVSelection:
             cand = f < k_len
             if view.causal:
                 cand = cand & (f <= p)
-            s = s.masked_fill(~cand, float("-inf"))
+            s.masked_fill_(~cand, float("-inf"))  # in place: the tile is the only [R, C]-per-head temporary
             own = (p // bs) == torch.arange(cols.start, cols.stop, device=p.device).view(1, -1)
-            return s.masked_fill(own, float("inf")).reshape(N, Hq, s.shape[-2], s.shape[-1])
+            return s.masked_fill_(own, float("inf")).reshape(N, Hq, s.shape[-2], s.shape[-1])
 
         def col_stop(rows: slice) -> int:
             return (rows.stop - 1 + view.offset) // bs + 1 if view.causal else nk
 
-        row_chunk, col_chunk = tile_sizes(Tq, nk, elems_per_pair=N * Hq * 2)
+        dev = q_pos.device
+        per_pair = N * Hq * 2
+        row_chunk, col_chunk = tile_sizes(Tq, nk, elems_per_pair=per_pair, device=dev)
         _, idx = streaming_topk(score, (N, Hq), Tq, nk, opts.topk, row_chunk=row_chunk, col_chunk=col_chunk,
-                                col_stop=col_stop, dtype=cd, device=q_pos.device)
+                                col_stop=col_stop, dtype=cd, device=dev,
+                                max_tile_elems=tile_budget(dev) // per_pair)
     return KVSelection(compact_rows(idx, opts.topk), q_block=1, k_block=bs)
 
 

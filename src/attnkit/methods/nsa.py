@@ -34,7 +34,7 @@ from ..core.reference import blockwise_attention
 from ..ops._flex import flex_why_not_mask, run_flex_mask
 from ..ops._triton import run_triton, triton_why_not
 from ..core.selection import KVSelection, cdiv
-from ..core.topk import streaming_topk, tile_sizes
+from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import Backend, Capabilities, MethodOptions, MethodSpec, register
 from ._routing import (Packing, check_int, check_tensor_shape, check_tensor_type, compact_rows, compute_dtype,
                        seq_view)
@@ -112,6 +112,12 @@ def compressed_branch(call: AttentionCall, block: int, v: Optional[torch.Tensor]
 
 def selection_from_lse(call: AttentionCall, block_size: int, topk: int, lse_cmp: torch.Tensor) -> KVSelection:
     """Branch 2's selection given the compressed branch's LSE `[N, Hq, Tq']` (padded layout)."""
+    return _selection(call, block_size, topk, lse_cmp)
+
+
+def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optional[torch.Tensor]) -> KVSelection:
+    """Branch 2's selection. `lse_cmp=None`: the compressed branch's LSE is computed here, from the
+    same score tiles (the logsumexp of the visible compressed scores of each row), without its output."""
     view = seq_view(call)
     bs = block_size
     N, Tq, Hq, D = view.q.shape
@@ -123,30 +129,60 @@ def selection_from_lse(call: AttentionCall, block_size: int, topk: int, lse_cmp:
         qg = view.q.to(cd).view(N, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [N, Hkv, G, Tq, D]
         kc = view.k[:, : nc * bs].to(cd).unflatten(1, (nc, bs)).mean(2).to(call.dtype).to(cd)  # as branch 1
         kc = torch.cat([kc, kc.new_zeros(N, nk - nc, Hkv, D)], 1).permute(0, 2, 3, 1).unsqueeze(2)  # [N, Hkv, 1, D, nk]
-        lse = lse_cmp.detach().to(cd)
-        lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).view(N, Hkv, G, Tq, 1)
         q_pos = view.q_pos()
         own = q_pos // bs  # [Tq]
         k_len = view.k_len.view(N, 1, 1, 1)
+        per_pair = N * Hq * 2
+        row_chunk, col_chunk = tile_sizes(Tq, nk, elems_per_pair=per_pair, device=dev)
+
+        def visible(rows: slice, cols: slice) -> torch.Tensor:  # [N, 1, R, C]: compressed block c visible to row
+            c = torch.arange(cols.start, cols.stop, device=dev).view(1, -1)
+            last = (c + 1) * bs - 1
+            vis = (last < k_len) & (c < nc)
+            if view.causal:
+                vis = vis & (last <= q_pos[rows].view(-1, 1))
+            return vis
+
+        def logits(rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            """Scaled scores `[N, Hkv, G, R, C]`, -inf where not visible, and the visibility."""
+            s = torch.matmul(qg[..., rows, :], kc[..., cols]).mul_(call.scale)
+            vis = visible(rows, cols)
+            return s.masked_fill_(~vis.unsqueeze(2), float("-inf")), vis
+
+        def finite(lse: torch.Tensor) -> torch.Tensor:  # a row that sees no compressed block: 0
+            return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+        # the LSE comes with the score tile when one tile spans every column; else a first pass over the tiles
+        fused = lse_cmp is None and col_chunk >= nk
+        lse: Optional[torch.Tensor] = None
+        if lse_cmp is not None:
+            lse = finite(lse_cmp.detach().to(cd)).view(N, Hkv, G, Tq, 1)
+        elif not fused:
+            lse = torch.full((N, Hkv, G, Tq, 1), float("-inf"), dtype=cd, device=dev)
+            for r0 in range(0, Tq, row_chunk):
+                rows = slice(r0, min(r0 + row_chunk, Tq))
+                for c0 in range(0, nk, col_chunk):
+                    s, _ = logits(rows, slice(c0, min(c0 + col_chunk, nk)))
+                    lse[..., rows, :] = torch.logaddexp(lse[..., rows, :], torch.logsumexp(s, -1, keepdim=True))
+            lse = finite(lse)
 
         def score(rows: slice, cols: slice) -> torch.Tensor:  # [N, Hkv, R, C]
-            s = torch.matmul(qg[..., rows, :], kc[..., cols]).mul_(call.scale)
-            prob = torch.exp(s - lse[..., rows, :]).mean(2)  # mean over the group's query heads
+            s, vis = logits(rows, cols)
+            row_lse = finite(torch.logsumexp(s, -1, keepdim=True)) if lse is None else lse[..., rows, :]
+            prob = s.sub_(row_lse).exp_().mean(2)  # mean over the group's query heads
+            prob = prob.masked_fill_(~vis, float("-inf"))
             c = torch.arange(cols.start, cols.stop, device=dev).view(1, -1)
-            p = q_pos[rows].view(-1, 1)
-            last = (c + 1) * bs - 1
-            visible = (last < k_len) & (c < nc)
-            if view.causal:
-                visible = visible & (last <= p)
-            prob = prob.masked_fill(~visible, float("-inf"))
             o = own[rows].view(-1, 1)
             forced = (c == 0) | (c == o) | (c == o - 1)
-            return prob.masked_fill(forced, float("inf"))
+            return prob.masked_fill_(forced, float("inf"))
+
+        def col_stop(rows: slice) -> int:
+            # columns past the last row's own block are neither visible nor forced (block 0 always is)
+            return max(1, (rows.stop - 1 + view.offset) // bs + 1) if view.causal else nk
 
         width = min(max(topk, 3), nk)
-        row_chunk, col_chunk = tile_sizes(Tq, nk, elems_per_pair=N * Hq * 2)
         _, idx = streaming_topk(score, (N, Hkv), Tq, nk, width, row_chunk=row_chunk, col_chunk=col_chunk,
-                                dtype=cd, device=dev)
+                                col_stop=col_stop, dtype=cd, device=dev, max_tile_elems=tile_budget(dev) // per_pair)
         # forced blocks sort first (+inf); keep max(topk, number of forced blocks) per row
         num_forced = 1 + own.clamp(0, 2)  # {0} ; {0, 1} ; {0, own - 1, own}
         keep = torch.arange(width, device=dev).view(1, -1) < num_forced.clamp_min(topk).view(-1, 1)
@@ -155,11 +191,9 @@ def selection_from_lse(call: AttentionCall, block_size: int, topk: int, lse_cmp:
 
 
 def policy(call: AttentionCall, block_size: int, topk: int) -> KVSelection:
-    """Branch 2's selection of a validated call (runs the compressed branch for its LSE, no gradients)."""
-    with torch.no_grad():
-        dummy_v = call.k.new_zeros(*call.k.shape[:3], 1)
-        _, lse, _ = compressed_branch(call, block_size, v=dummy_v)
-    return selection_from_lse(call, block_size, topk, lse)
+    """Branch 2's selection of a validated call (no gradients): the compressed branch's LSE is computed
+    from the selection's own score tiles (its output is not needed)."""
+    return _selection(call, block_size, topk, None)
 
 
 def run(call: AttentionCall, opts: NsaOptions, gpu: bool = False) -> torch.Tensor:
