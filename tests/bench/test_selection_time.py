@@ -57,3 +57,15 @@ def test_selection_fn_calls_each_policy_signature() -> None:
     assert torch.equal(got.indices, ak.methods.moba.select(q, k, block_size=4, topk=2).indices)
     for name, opts in (("dense", {}), ("sliding_window", {"window": 8})):
         assert selection_time.selection_fn(get_method(name), call, opts) is None, name
+
+
+def test_checkpoint_after_every_row() -> None:
+    # a run killed mid-group (wall-clock limit, OOM crash) must keep every row measured so far
+    seen: list[int] = []
+    cfg = Config(preset="test", device=torch.device("cpu"), methods=["dense", "moba"], seqlens=[32, 64],
+                 dtypes=[torch.float32], workloads=["random"], shape=Shape(1, 2, 1, 8), warmup=1, repeats=1,
+                 budget_s=5.0)
+    runner = Runner(cfg, progress=False, checkpoint=lambda doc: seen.append(len(doc["rows"])))
+    rows = runner.run()
+    assert seen == list(range(1, len(rows) + 1)), f"checkpoints after {seen} rows, expected one per row ({len(rows)})"
+    assert all(r["speedup"] is not None for r in rows if r["time_ms"]), "every timed row gets its ratio to SDPA"

@@ -211,8 +211,6 @@ class Runner:
                     self._run_group(_Group(wl, dtype, self.cfg.causal, fid), bar)
                     del wl
                     _free(self.cfg.device)
-                    if self.checkpoint is not None:
-                        self.checkpoint(self.document())
         finally:
             bar.close()
         for name, reason in real_status.items():  # a workload that ran at other lengths is also listed as ok
@@ -243,19 +241,25 @@ class Runner:
                        causal=g.causal, **fields)
 
     def _run_group(self, g: _Group, bar: Progress) -> None:
-        group_rows: list[dict[str, Any]] = []
+        """Measure one (workload, T, dtype) group. Rows join `self.rows` as they are measured and
+        the checkpoint is written after each one, so a run killed mid-group (a wall-clock limit, an
+        out-of-memory crash) keeps everything it measured."""
+        first = len(self.rows)
+
+        def add(row: dict[str, Any]) -> None:
+            self.rows.append(row)
+            sdpa = next((r for r in self.rows[first:] if r["method"] == "sdpa" and r["time_ms"]), None)
+            if sdpa is not None and row["time_ms"]:
+                row["speedup"] = sdpa["time_ms"] / row["time_ms"]
+            if self.checkpoint is not None:
+                self.checkpoint(self.document())
+
         for b in self.baselines:
-            row = self._baseline_row(g, b)
-            group_rows.append(row)
+            add(self._baseline_row(g, b))
             bar.step(b.name)
         for spec in self.specs:
             for row in self._method_rows(g, spec, bar):
-                group_rows.append(row)
-        sdpa = next((r for r in group_rows if r["method"] == "sdpa" and r["time_ms"]), None)
-        for r in group_rows:
-            if sdpa is not None and r["time_ms"]:
-                r["speedup"] = sdpa["time_ms"] / r["time_ms"]
-        self.rows.extend(group_rows)
+                add(row)
 
     # --- guards -------------------------------------------------------------------------------
 
