@@ -144,8 +144,9 @@ def predicate_block_mask(mask: Mask, batch: int, hq: int, tq: int, tk: int, caus
     key = (mask.name, batch, hq if mask.head_dependent else 1, tq, tk, causal, str(device))
     bm = _MASK_CACHE.get(key)
     if bm is None:
-        bm = create_block_mask(_mask_mod(causal, tk - tq, mask), batch, key[2], tq, tk, device=device,
-                               BLOCK_SIZE=FLEX_BLOCK, _compile=True)
+        # compiled, so the predicate is evaluated block by block (eager would build [B, H, Tq, Tk])
+        bm = call_compiled(create_block_mask, _mask_mod(causal, tk - tq, mask), batch, key[2], tq, tk, device=device,
+                           BLOCK_SIZE=FLEX_BLOCK, _compile=True)
         _MASK_CACHE[key] = bm
         while len(_MASK_CACHE) > _MASK_CACHE_SIZE:
             _MASK_CACHE.popitem(last=False)
@@ -165,11 +166,38 @@ def compiled_flex() -> Callable:
     return fn
 
 
+# torch.compile recompiles `flex_attention` for every new shape and every new kind of mask_mod,
+# and after `recompile_limit` (8 by default) falls back to FlexAttention's *unfused eager* path,
+# which materialises the full `[B, H, Tq, Tk]` score matrix (seen on an H100: a 32 GiB allocation
+# at T = 16K after a benchmark sweep). Raise the limit for our calls, and make hitting it an error
+# rather than a silent O(T^2) fallback.
+FLEX_RECOMPILE_LIMIT = 256
+
+
+def _compile_limits() -> dict[str, Any]:
+    import torch._dynamo.config as dynamo_config
+
+    names = {"recompile_limit": FLEX_RECOMPILE_LIMIT, "cache_size_limit": FLEX_RECOMPILE_LIMIT,
+             "fail_on_recompile_limit_hit": True}
+    found = {n: v for n, v in names.items() if hasattr(dynamo_config, n)}
+    if "recompile_limit" in found:  # newer torch: cache_size_limit is an alias of it
+        found.pop("cache_size_limit", None)
+    return found
+
+
+def call_compiled(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Call a compiled FlexAttention function with the recompile guard above."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(**_compile_limits()):
+        return fn(*args, **kwargs)
+
+
 def run_flex_block_mask(call: AttentionCall, block_mask, flex: Optional[Callable] = None) -> Any:
     """FlexAttention over `[B, T, H, D]` inputs with a prepared BlockMask; `(out, lse)` per the call."""
     flex = flex or compiled_flex()
-    out, lse = flex(call.q.transpose(1, 2), call.k.transpose(1, 2), call.v.transpose(1, 2), block_mask=block_mask,
-                    scale=call.scale, enable_gqa=call.hq != call.hkv, return_lse=True)
+    out, lse = call_compiled(flex, call.q.transpose(1, 2), call.k.transpose(1, 2), call.v.transpose(1, 2),
+                             block_mask=block_mask, scale=call.scale, enable_gqa=call.hq != call.hkv, return_lse=True)
     return finish(call, out.transpose(1, 2), lse.float())
 
 
