@@ -16,15 +16,15 @@ from attnkit.core.selection import KVSelection
 from attnkit.ops import _flex
 
 
-def test_compiled_flex_keeps_compiling_past_the_default_limit(monkeypatch) -> None:
+def test_compiled_flex_keeps_compiling_past_the_default_limit() -> None:
     import torch._dynamo.config as dynamo_config
 
     if _flex.flex_missing():
         pytest.fail(f"FlexAttention unavailable: {_flex.flex_missing()}")
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(dynamo_config, name, 1)
     flex = torch.compile(torch.nn.attention.flex_attention.flex_attention, dynamic=False)
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    # dynamo's own patch context (not monkeypatch: the config module's aliases do not survive its undo)
+    with dynamo_config.patch(**{name: 1}), torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for T in (128, 256):  # two shapes: two compilations, one past the lowered limit
             q, k, v = torch.randn(1, 2, T, 16), torch.randn(1, 1, T, 16), torch.randn(1, 1, T, 16)
