@@ -35,11 +35,29 @@ def test_quest_bounds_and_top_pages():
                 assert all(float(q[b, 0, hq] @ kk) <= direct + 1e-5 for hq in range(h * G, h * G + G) for kk in kp)
     sel = r.select(q, c, 8 ** -0.5)
     assert sel.k_block == 4 and sel.indices.shape == (2, 2, 1, 3)
-    assert torch.equal(sel.indices[:, :, 0].long().sort(-1).values, bounds.topk(3).indices.sort(-1).values)
+    # the page of the decode query (position 39: page 9) is always read, then the top bounds of the others
+    others = bounds[..., :9].topk(2).indices
+    want_pages = torch.cat([others, torch.full_like(others[..., :1], 9)], -1).sort(-1).values
+    assert torch.equal(sel.indices[:, :, 0].long().sort(-1).values, want_pages)
     out = r.attend(q, c, backend="reference")
     pages = sel.indices[:, :, 0].long()
     want = oracle_over_kept(q, c, lambda b, h: torch.isin(torch.arange(c.capacity) // 4, pages[b, h]))
     assert_close64(out, want, rtol=1e-10)
+
+
+def test_quest_always_reads_the_page_being_decoded():
+    # a partly filled last page whose keys are small: by bound alone it would never be chosen
+    c, k, _ = random_cache(T=38, page_size=4)
+    B, H = c.batch, c.num_heads
+    tiny = torch.full((B, 1, H, 8), 1e-3, dtype=torch.float64)
+    c.append(tiny, tiny)  # position 38: page 9 holds positions 36, 37, 38
+    q = _q(4)
+    bounds = Quest(topk=2).page_scores(q, c)
+    assert (bounds[..., 9] < bounds[..., :9].topk(2).values[..., -1]).all()  # loses on its bound
+    sel = Quest(topk=2).select(q, c, 8 ** -0.5).indices[:, :, 0].long()
+    assert (sel == 9).any(-1).all() and (sel >= 0).all()
+    forced = Quest(topk=2).page_scores(q, c, force_newest=True)
+    assert torch.isposinf(forced[..., 9]).all() and torch.equal(forced[..., :9], bounds[..., :9])
 
 
 def test_quest_with_all_pages_equals_dense():

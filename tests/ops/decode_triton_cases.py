@@ -39,6 +39,34 @@ def _errors(out, lse, q, c, sel):
     return err, base_err, lse_err
 
 
+def _quest_kernel_ok(q, c) -> bool:
+    """Quest's page-score kernel equals the PyTorch form (which tests/kv checks against the definition),
+    empty and unallocated pages included."""
+    from attnkit.kernels.quest import quest_page_scores
+    from attnkit.kv.sparse import _group_queries
+
+    kmin, kmax = c.page_bounds()
+    qg = _group_queries(q, c.num_heads)
+    first = (c.seen - q.shape[1]).view(-1, 1).expand(-1, c.num_heads).reshape(-1)
+    got = quest_page_scores(qg.reshape(c.rows, -1, qg.shape[-1]), kmin, kmax, c.page_table.view(c.rows, -1),
+                            c.page_newest(), first)
+    pt = c.page_table.long().view(c.rows, -1)
+    lo, hi = kmin[pt.clamp_min(0)], kmax[pt.clamp_min(0)]  # the definition, term by term
+    direct = torch.maximum(qg.reshape(c.rows, -1, 1, qg.shape[-1]) * lo.unsqueeze(1),
+                           qg.reshape(c.rows, -1, 1, qg.shape[-1]) * hi.unsqueeze(1)).sum(-1).amax(1)
+    empty = (pt < 0) | torch.isinf(lo).all(-1)
+    pos = c.pos_pool[pt.clamp_min(0)]  # [R, maxp, ps]: the newest pages are read whatever their bound
+    direct = direct.masked_fill((pos >= first.view(-1, 1, 1)).any(-1), float("inf"))
+    direct = direct.masked_fill(empty, float("-inf"))
+    same_inf = torch.equal(torch.isinf(got), torch.isinf(direct))
+    finite = torch.isfinite(direct)
+    err = (got - direct)[finite].abs().max().item()
+    ok = same_inf and torch.equal(got[~finite], direct[~finite]) and \
+        err <= 1e-4 * (1 + direct[finite].abs().max().item())
+    print(f"quest page scores ({c.rows} rows x {pt.shape[1]} pages): err {err:.2e} {'ok' if ok else 'FAIL'}")
+    return ok
+
+
 def run(cases, device: str) -> int:
     torch.manual_seed(0)
     for B, T, Hq, H, D, ps, Tq, dt in cases:
@@ -48,6 +76,8 @@ def run(cases, device: str) -> int:
         c.append(k, v)
         c.evict(torch.tensor([[[3, 5, 7, ps + 1]] * H] * B, device=device))  # holes, one page partly freed
         q = torch.randn(B, Tq, Hq, D, device=device).to(dt)
+        if not _quest_kernel_ok(q, c):
+            return 1
         rec = Recycled(stride=2, topk=9)
         rec.select(q, c, D ** -0.5)
         for name, sel in (("dense", None), ("quest", Quest(topk=3).select(q, c, D ** -0.5)),

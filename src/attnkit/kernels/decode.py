@@ -33,6 +33,12 @@ LN2 = 0.6931471805599453
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+# Warps and pipelining by measurement; one config under the interpreter (it cannot time).
+_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2)] if os.environ.get("TRITON_INTERPRET", "0") == "1" \
+    else [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3, 4)]
+
+
+@triton.autotune(configs=_CONFIGS, key=["MODE", "PAGE", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "CAUSAL"])
 @triton.jit
 def _decode_split_kernel(
     Q, QPos, Kp, Vp, Pos, Bias, PT, Sel, Out, Lse,
@@ -131,8 +137,10 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 
 def _block_n(mode: int, page: int) -> int:
-    """Keys per tile: 64 gathered slots (MODE 2), or whole pages filling at least 64 slots."""
-    return 64 if mode == 2 else max(64, _pow2(page))
+    """Keys per tile: 64 gathered slots (MODE 2), or whole pages filling at least 64 slots
+    (`ATTNKIT_DECODE_BLOCK_N` overrides the 64, for measuring)."""
+    base = int(os.environ.get("ATTNKIT_DECODE_BLOCK_N", "64"))
+    return base if mode == 2 else max(base, _pow2(page))
 
 
 def _step(mode: int, page: int) -> int:
@@ -154,11 +162,13 @@ def selection_mode(selection: Optional[KVSelection], page_size: int) -> tuple[in
 
 
 def default_splits(rows: int, iters: int) -> int:
-    """Enough programs to fill a GPU (~4 per SM of an H100) without splits of under 4 iterations."""
+    """Enough programs to keep an H100's memory system busy (~8 per SM: at B = 8, Hkv = 8 and
+    T = 128K, 16-32 splits read at 0.80-0.85 of cuDNN's bandwidth where 9 read at 0.73; see
+    results/decode_h100.json) without splits of under 4 iterations."""
     env = os.environ.get("ATTNKIT_DECODE_SPLITS")
     if env:
         return max(1, int(env))
-    return max(1, min(triton.cdiv(iters, 4), triton.cdiv(528, rows)))
+    return max(1, min(triton.cdiv(iters, 4), triton.cdiv(1056, rows)))
 
 
 @torch.library.custom_op("attnkit::paged_decode_split", mutates_args=())
@@ -186,7 +196,7 @@ def _paged_decode_op(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor,
         scale * LOG2E,
         PAGE=PAGE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, D=D, DV=DV,
         MODE=mode, CAUSAL=causal, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-    )
+    )  # num_warps, num_stages: autotuned
     return out, lse
 
 

@@ -72,18 +72,20 @@ class PagedLayerCache:
         self.free_pages = torch.arange(pages - 1, -1, -1, dtype=torch.int64, device=dev)  # a stack
         self._kmin = torch.zeros(pages, self.head_dim, dtype=torch.float32, device=dev)
         self._kmax = torch.zeros(pages, self.head_dim, dtype=torch.float32, device=dev)
+        self._pmax = torch.full((pages,), -1, dtype=torch.int64, device=dev)  # newest position per page
         self._dirty = torch.ones(pages, dtype=torch.bool, device=dev)
+        self._bounds_stale = True  # host-side: lets page_bounds() skip a device sync when nothing changed
 
     def _grow_pool(self, need: int) -> None:
         """Grow the pool (amortised doubling) so that `need` more pages are free."""
         old = self.num_pages
         new = max(2 * old, old + need - self.free_pages.numel())
         saved = (self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool, self.free_pages,
-                 self._kmin, self._kmax, self._dirty)
+                 self._kmin, self._kmax, self._dirty, self._pmax)
         self._alloc_pool(new)
         for dst, src in zip((self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool), saved[:5]):
             dst[:old] = src
-        self._kmin[:old], self._kmax[:old], self._dirty[:old] = saved[6], saved[7], saved[8]
+        self._kmin[:old], self._kmax[:old], self._dirty[:old], self._pmax[:old] = saved[6], saved[7], saved[8], saved[9]
         extra = torch.arange(new - 1, old - 1, -1, dtype=torch.int64, device=self.device)
         self.free_pages = torch.cat([extra, saved[5]])
 
@@ -212,6 +214,7 @@ class PagedLayerCache:
         self.bias_pool.view(-1)[dst] = 0.0 if bias is None else bias.reshape(R, Tn)[row, tok].to(self.bias_pool.dtype)
         self.score_pool.view(-1)[dst] = 0.0
         self._dirty[dst // ps] = True
+        self._bounds_stale = True
         newest = torch.where(rows.unsqueeze(-1), positions.to(torch.int64), -1).amax((1, 2)) + 1
         self.seen = torch.maximum(self.seen, newest)
         out = torch.full((R, Tn), -1, dtype=torch.int64, device=self.device)
@@ -236,6 +239,7 @@ class PagedLayerCache:
         self.bias_pool.view(-1)[sel] = 0.0
         self.score_pool.view(-1)[sel] = 0.0
         self._dirty[sel // self.page_size] = True
+        self._bounds_stale = True
         self._release_empty_pages()
 
     def retain(self, slots: torch.Tensor) -> None:
@@ -265,14 +269,28 @@ class PagedLayerCache:
     def page_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Element-wise min and max of the valid keys of every page: `[P, D]` float32 each (Quest).
         Only pages written or evicted since the last call are recomputed."""
+        self._refresh_page_stats()
+        return self._kmin, self._kmax
+
+    def page_newest(self) -> torch.Tensor:
+        """The newest original position held by every page, `[P]` int64 (-1 = none): lets Quest
+        always read the page of the tokens being decoded."""
+        self._refresh_page_stats()
+        return self._pmax
+
+    def _refresh_page_stats(self) -> None:
+        if not self._bounds_stale:  # host-side flag: no device sync on a decode step that changed nothing
+            return
+        self._bounds_stale = False
         dirty = self._dirty.nonzero().squeeze(1)
         if dirty.numel():
             k = self.k_pool[dirty].float()  # [n, ps, D]
-            valid = (self.pos_pool[dirty] >= 0).unsqueeze(-1)
+            pos = self.pos_pool[dirty]
+            valid = (pos >= 0).unsqueeze(-1)
             self._kmin[dirty] = torch.where(valid, k, float("inf")).amin(1)
             self._kmax[dirty] = torch.where(valid, k, float("-inf")).amax(1)
+            self._pmax[dirty] = pos.amax(1)
             self._dirty[dirty] = False
-        return self._kmin, self._kmax
 
     # --- memory accounting -----------------------------------------------------------------------
 
@@ -284,7 +302,8 @@ class PagedLayerCache:
         per_tok = (self.head_dim + self.head_dim_v) * el
         allocated = int((self.page_table >= 0).sum())
         per_slot_meta = 8 + 4 + 4
-        pools = (self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool, self._kmin, self._kmax)
+        pools = (self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool, self._kmin, self._kmax,
+                 self._pmax)
         return {
             "kept": int(self.num_kept().sum()) * per_tok,
             "pages": allocated * self.page_size * per_tok,

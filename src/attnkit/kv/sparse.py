@@ -23,6 +23,7 @@ import torch
 
 from ..core.contract import AttnkitError, OptionError
 from ..core.selection import KVSelection
+from ..kernels import device_ok
 from ..ops.decode import decode_attention, slot_visibility
 from .paged import PagedLayerCache
 
@@ -66,7 +67,10 @@ class Reader:
 class Quest(Reader):
     """Quest: page-level top-k by an upper bound of `q . k` from each page's element-wise key min/max
     (kept incrementally by the cache). Per KV head, the bound is the max over its query heads and
-    decode queries, so one page list serves the whole group (one pass in the kernel)."""
+    decode queries, so one page list serves the whole group (one pass in the kernel). The page(s)
+    holding the tokens being decoded are always read and count toward `topk`, as in Quest's own
+    kernels: a partly filled last page has a tight bound that full pages' loose bounds would beat,
+    and without it a query would miss its own and its nearest tokens."""
 
     name: ClassVar[str] = "quest"
     topk: int = 8
@@ -74,22 +78,38 @@ class Quest(Reader):
     def __post_init__(self) -> None:
         _check_int("topk", self.topk, 1)
 
-    def page_scores(self, q: torch.Tensor, cache: PagedLayerCache) -> torch.Tensor:
-        """Upper bounds per logical page: `[B, Hkv, maxp]` (-inf for unallocated pages)."""
+    def page_scores(self, q: torch.Tensor, cache: PagedLayerCache, force_newest: bool = False) -> torch.Tensor:
+        """Upper bounds per logical page: `[B, Hkv, maxp]` (-inf for unallocated or empty pages;
+        with `force_newest`, +inf for the pages holding a position of the decode queries).
+
+        `max_d(q_d lo_d, q_d hi_d)` summed over d is `relu(q) . hi + min(q, 0) . lo`, so the bound is
+        two matmuls. On CUDA a Triton kernel gathers the bounds through the page table itself
+        (`kernels/quest.py`); elsewhere (and in float64) the pages' bounds are gathered first."""
         kmin, kmax = cache.page_bounds()  # [P, D]
-        pt = cache.page_table.long().view(cache.batch, cache.num_heads, -1)  # [B, Hkv, maxp]
+        newest = cache.page_newest()  # [P]
+        B, H = cache.batch, cache.num_heads
+        first = cache.seen - q.shape[1] if force_newest else torch.full_like(cache.seen, 2**62)  # [B]
+        qg = _group_queries(q, H)  # [B, Hkv, GTq, D]
+        if qg.dtype == torch.float32 and qg.is_cuda and device_ok("cuda") is None:
+            from ..kernels.quest import quest_page_scores
+
+            rows = quest_page_scores(qg.reshape(B * H, -1, qg.shape[-1]), kmin, kmax, cache.page_table.view(B * H, -1),
+                                     newest, first.view(B, 1).expand(B, H).reshape(-1))
+            return rows.view(B, H, -1)
+        pt = cache.page_table.long().view(B, H, -1)  # [B, Hkv, maxp]
         lo, hi = kmin[pt.clamp_min(0)], kmax[pt.clamp_min(0)]  # [B, Hkv, maxp, D]
-        qg = _group_queries(q, cache.num_heads).unsqueeze(3)  # [B, Hkv, GTq, 1, D]
-        bound = torch.maximum(qg * lo.unsqueeze(2).to(qg.dtype), qg * hi.unsqueeze(2).to(qg.dtype)).sum(-1)
-        bound = bound.amax(2)  # [B, Hkv, maxp]
-        empty = (pt < 0) | torch.isinf(lo).all(-1)
+        empty = (pt < 0) | torch.isinf(lo[..., 0])  # a page holding a valid key has finite bounds
+        lo = lo.masked_fill(empty.unsqueeze(-1), 0.0).to(qg.dtype)
+        hi = hi.masked_fill(empty.unsqueeze(-1), 0.0).to(qg.dtype)
+        bound = qg.clamp_min(0) @ hi.transpose(-1, -2) + qg.clamp_max(0) @ lo.transpose(-1, -2)  # [B, Hkv, GTq, maxp]
+        bound = bound.amax(2).masked_fill(newest[pt.clamp_min(0)] >= first.view(B, 1, 1), float("inf"))
         return bound.masked_fill(empty, float("-inf"))
 
     def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> KVSelection:
-        s = self.page_scores(q, cache)
+        s = self.page_scores(q, cache, force_newest=True)
         k = min(self.topk, s.shape[-1])
         val, idx = s.topk(k, dim=-1)
-        idx = torch.where(torch.isinf(val), -1, idx)
+        idx = torch.where(torch.isneginf(val), -1, idx)
         return _rows_to_selection(idx, q.shape[1], cache.page_size)
 
 
