@@ -200,12 +200,26 @@ def choose_backend(spec: MethodSpec, call: AttentionCall, opts: Any, requested: 
     if requested != "auto":
         spec.backend(requested)  # raises for unknown names
     exp = Explanation(spec.name, requested, None)
-    for b in spec.backends:
+    backends, measured_why = list(spec.backends), None
+    if requested == "auto" and len(backends) > 2:  # several executors: the GPU measurement may reorder them
+        from .ops.dispatch import measured_order
+
+        measured = measured_order(spec.name, call)
+        if measured is not None:
+            rank = {name: i for i, name in enumerate(measured[0])}
+            backends.sort(key=lambda b: rank.get(b.name, len(rank)))  # stable: unmeasured ones keep their order
+            measured_why = measured[1]
+    for b in backends:
         reason = b.why_not(call, opts)
         ok = reason is None
         if ok and exp.chosen is None and requested in ("auto", b.name):
             exp.chosen = b.name
-            text = "chosen: " + ("first supported backend in preference order" if requested == "auto" else "requested")
+            if requested != "auto":
+                text = "chosen: requested"
+            elif measured_why is not None and b.name in measured[0]:
+                text = "chosen: " + measured_why
+            else:
+                text = "chosen: first supported backend in preference order"
         elif ok:
             text = "supported, not chosen" + (" (another backend was requested)" if requested != "auto" else " (lower preference)")
         else:

@@ -71,3 +71,76 @@ def test_nsa_gpu_backend_matches_reference(gpu) -> None:
     ref = ak.attention(q, k, v, method="nsa", backend="reference", **opts)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < 2e-2, f"nsa triton vs reference relative error {err:.3e}"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    fa, fb = torch.where(torch.isinf(a), 0, a), torch.where(torch.isinf(b), 0, b)
+    return ((fa - fb).norm() / fb.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tq,tk,hkv", [(10000, 10000, 4), (1, 10000, 16), (3000, 10000, 1)],
+                         ids=["prefill_gqa4", "decode_group1", "tq_lt_tk_gqa16"])
+def test_nsa_compressed_branch_flex_gpu(tq, tk, hkv, gpu) -> None:
+    """NSA's compressed branch on compiled FlexAttention (the triton backend's path) against the reference
+    executor in float64, at a real size: bf16, Tk not a multiple of the block, nc = 156 pooled keys (two
+    FlexAttention blocks, the second partial); output, LSE (-inf rows included) and the gradients of q, k, v."""
+    from attnkit.methods import nsa
+
+    block, Hq, D = 64, 16, 128
+    g = torch.Generator().manual_seed(3)
+    mk = lambda *s: torch.randn(*s, generator=g).to("cuda", torch.bfloat16).requires_grad_()  # noqa: E731
+    q, k, v = mk(1, tq, Hq, D), mk(1, tk, hkv, D), mk(1, tk, hkv, D)
+    do = torch.randn(1, tq, Hq, D, generator=g).to("cuda")
+    dl = torch.randn(1, Hq, tq, generator=g).to("cuda")
+
+    def run(flex: bool, dtype: torch.dtype):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out, lse, _ = nsa.compressed_branch(validate_attention(*xs), block, flex=flex)
+        loss = (out.double() * do.double()).sum() + (torch.where(torch.isinf(lse), 0, lse).double() * dl.double()).sum()
+        return (out.detach(), lse.detach(), *torch.autograd.grad(loss, xs))
+
+    got, ref = run(True, torch.bfloat16), run(False, torch.float64)
+    empty = torch.isinf(ref[1])
+    assert torch.equal(torch.isinf(got[1]), empty), "rows that see no compressed block differ"
+    assert got[1].dtype == torch.float32 and bool((got[1][empty] < 0).all())
+    assert bool((got[0].transpose(1, 2)[empty] == 0).all()), "a row that sees nothing must be 0"
+    assert (got[1] - ref[1])[~empty].abs().max().item() < 2e-2, "compressed LSE"
+    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+        err = _rel(a, r)
+        assert err < 2e-2, f"nsa compressed flex vs reference {name}: relative error {err:.3e}"
+
+
+@pytest.mark.gpu
+def test_nsa_triton_path_matches_reference_with_grads_gpu(gpu, monkeypatch) -> None:
+    """The whole triton path (compressed branch on FlexAttention, selection from its LSE, selected
+    branch on the Triton kernel, window on FlexAttention) against the reference backend at a moderate
+    real size, outputs and the gradients of q, k, v and the gates; and no branch falls back to the
+    reference executor."""
+    from attnkit.methods import nsa
+
+    T, Hq, Hkv, D = 9000, 16, 2, 128  # 140 pooled keys: not a multiple of FlexAttention's 128
+    q, k, v = _inputs(T, Hq, Hkv, D, torch.bfloat16, "cuda", seed=4)
+    g = torch.Generator().manual_seed(5)
+    gates = {n: torch.sigmoid(torch.randn(1, T, Hq, generator=g)).to("cuda", torch.bfloat16).requires_grad_()
+             for n in ("g_cmp", "g_slc", "g_swa")}
+    opts = {"block_size": 64, "topk": 16, "window": 512}
+    assert ak.explain(q, k, v, method="nsa", **opts, **gates).chosen == "triton"
+    do = torch.randn(1, T, Hq, D, generator=g).to("cuda", torch.bfloat16)
+    leaves = (q, k, v, *gates.values())
+
+    def run(backend: str):
+        out = ak.attention(q, k, v, method="nsa", backend=backend, **opts, **gates)
+        return (out.detach(), *torch.autograd.grad((out.float() * do.float()).sum(), leaves))
+
+    ref = run("reference")
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the triton path ran a branch on the reference executor")
+
+    monkeypatch.setattr(nsa, "blockwise_attention", no_reference)
+    got = run("triton")
+    for name, a, r in zip(("out", "dq", "dk", "dv", *gates), got, ref):
+        err = _rel(a, r)
+        assert err < 2e-2, f"nsa triton vs reference {name}: relative error {err:.3e}"

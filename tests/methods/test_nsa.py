@@ -180,3 +180,119 @@ def test_invalid_options_raise(opts, field):
         base["g_slc"] = torch.ones(1, 8, 2)
     with pytest.raises(OptionError, match="^" + field.replace(",", r"\,") + ": (expected|required)"):
         ak.attention(q, k, v, method="nsa", **{**base, **opts})
+
+
+# --- the compressed branch on FlexAttention (the GPU path), checked on the CPU -----------------
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """FlexAttention's eager path (its math implementation, differentiable). The public entry point
+    refuses inputs that require grad on the CPU before dispatching (`_validate_device`), since the
+    *compiled* CPU kernel has no backward; the eager path has one, so the test lifts that check."""
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
+    return fa.flex_attention
+
+
+FLEX_CASES = {  # B, Tq, Tk, Hq, Hkv, block, causal
+    "ragged_T_gqa4": (2, 37, 37, 4, 1, 4, True),  # T % block != 0; the first 3 rows see no block
+    "decode_Tq1_group1": (1, 1, 37, 4, 4, 4, True),
+    "Tq_lt_Tk_gqa2": (1, 9, 50, 4, 2, 4, True),
+    "Tq_lt_Tk_noncausal": (1, 9, 50, 4, 4, 4, False),
+    "many_flex_blocks": (1, 150, 300, 2, 1, 1, True),  # nc = 300 > 128, several FlexAttention blocks
+    "Tq_gt_Tk": (1, 20, 10, 2, 1, 3, True),  # negative positions see nothing
+}
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("case", sorted(FLEX_CASES))
+def test_compressed_branch_flex_equals_reference(case, eager_flex):
+    """`compressed_branch(flex=...)` (pooled keys through FlexAttention with the prefix BlockMask) against
+    the reference executor: output, LSE and the gradients of q, k, v (through the pooling and the LSE)."""
+    B, Tq, Tk, Hq, Hkv, block, causal = FLEX_CASES[case]
+    q, k, v = qkv(B, Tq, Tk, Hq, Hkv, dtype=torch.float32, seed=Tq + Tk)
+
+    def branch(flex):
+        def fn(q, k, v):
+            out, lse, _ = nsa.compressed_branch(ak.core.contract.validate_attention(q, k, v, causal=causal), block,
+                                                flex=flex)
+            return out, lse
+        return fn
+
+    out, lse = branch(eager_flex)(q, k, v)
+    ref_out, ref_lse = branch(False)(q, k, v)
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Tq)
+    empty = torch.isinf(ref_lse)  # rows that see no complete block
+    assert torch.equal(torch.isinf(lse), empty) and bool((lse[empty] < 0).all()), f"{case}: -inf rows differ"
+    assert bool((out.transpose(1, 2)[empty] == 0).all()), f"{case}: a row that sees nothing must be 0"
+    if causal and Tq == Tk:
+        assert bool(empty[..., : block - 1].all()), "the first block - 1 rows see no complete block"
+    compare(branch(eager_flex), lambda dtype, **t: branch(False)(**t), {"q": q, "k": k, "v": v}, with_lse=True,
+            label=f"nsa compressed flex {case}")
+
+
+@pytest.mark.parametrize("tq,tk,block,causal", [(300, 300, 1, True), (130, 700, 2, True), (1, 900, 3, True),
+                                                (400, 260, 1, True), (5, 40, 4, True), (200, 333, 1, False)])
+def test_compressed_block_mask_matches_create_block_mask(tq, tk, block, causal):
+    """Branch 1's BlockMask, built in O(blocks) from the prefix rule, classifies every (query block, key
+    block) as FlexAttention's own `create_block_mask` of the same predicate does (full / partial /
+    absent): the compiled kernels trust that structure and run the mask_mod in partial blocks only.
+    Its mask_mod is the visibility rule `(c + 1) * block - 1 <= i + tk - tq`."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from attnkit.ops._flex import FLEX_BLOCK
+
+    nc = tk // block
+    ours = nsa._compressed_block_mask(block, tk, tq, nc, causal, torch.device("cpu"))
+    theirs = create_block_mask(ours.mask_mod, 1, 1, tq, nc, device="cpu")
+
+    def classes(bm):
+        nq, nk = -(-tq // FLEX_BLOCK), -(-nc // FLEX_BLOCK)
+        c = torch.zeros(nq, nk, dtype=torch.int64)
+        for i in range(nq):
+            c[i, bm.kv_indices[0, 0, i, : int(bm.kv_num_blocks[0, 0, i])].long()] += 1
+            c[i, bm.full_kv_indices[0, 0, i, : int(bm.full_kv_num_blocks[0, 0, i])].long()] += 2
+        return c
+
+    assert torch.equal(classes(ours), classes(theirs)), "block classes differ from create_block_mask"
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    assert ours.seq_lengths == (tq, nc)
+    i, c = torch.arange(tq).view(-1, 1), torch.arange(nc).view(1, -1)
+    want = ((c + 1) * block - 1 <= i + tk - tq) if causal else torch.ones(tq, nc, dtype=torch.bool)
+    zero = torch.zeros((), dtype=torch.int64)
+    assert torch.equal(ours.mask_mod(zero, zero, i, c).expand(tq, nc), want), "mask_mod is not the visibility rule"
+
+
+def test_compressed_block_mask_through_compiled_flex_cpu():
+    """The BlockMask through compiled FlexAttention (the CPU kernel: inference only, no LSE), which,
+    unlike the eager path, skips absent blocks and the mask_mod of full ones: the output equals the
+    reference's (several 128-blocks each way, nc = 300 not a multiple of 128, Tq != Tk, GQA 2)."""
+    from attnkit.ops._flex import call_compiled, compiled_flex
+
+    block, Tq, Tk = 2, 300, 601
+    q, k, v = qkv(1, Tq, Tk, 2, 1, D=16, dtype=torch.float32, seed=3)
+    call = ak.core.contract.validate_attention(q, k, v)
+    ref, _, _ = nsa.compressed_branch(call, block)
+    nc = Tk // block
+    kc, vc = (x[:, : nc * block].unflatten(1, (nc, block)).mean(2) for x in (k, v))
+    bm = nsa._compressed_block_mask(block, Tk, Tq, nc, True, q.device)
+    with torch.no_grad():
+        out = call_compiled(compiled_flex(), q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), block_mask=bm,
+                            scale=call.scale, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_selection_in_small_tiles_matches_definition(causal, monkeypatch):
+    """The selection's multi-tile paths (a first pass for the LSE when one tile does not span every
+    column; the streaming top-k merge) against the brute-force definition."""
+    q, k, _ = qkv(2, 23, 29, 6, 2, D=4, dtype=torch.float64, seed=11)
+    want = brute_force_selection(q, k, 3, 4, causal)
+    monkeypatch.setattr(nsa, "tile_sizes", lambda *args, **kw: (5, 2))
+    sel = nsa.select(q, k, block_size=3, topk=4, causal=causal)
+    assert rows_as_sets(sel.indices) == want, "NSA rows differ with small tiles"
+    call = ak.core.contract.validate_attention(q, k, k, causal=causal)
+    _, lse, _ = nsa.compressed_branch(call, 3)
+    sel = nsa.selection_from_lse(call, 3, 4, lse)
+    assert rows_as_sets(sel.indices) == want, "NSA rows differ with small tiles and the branch's LSE"

@@ -23,7 +23,7 @@ Selection (the selected branch): `KVSelection(indices [B, Hkv, Tq, S], q_block=1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -31,7 +31,7 @@ from ..core import masks
 from ..core.contract import AttentionCall, OptionError, validate_attention
 from ..core.masks import Mask
 from ..core.reference import blockwise_attention
-from ..ops._flex import flex_why_not_mask, run_flex_mask
+from ..ops._flex import cached_block_mask, flex_attention_lse, flex_why_not_mask, prefix_block_mask, run_flex_mask
 from ..ops._triton import run_triton, triton_why_not
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
@@ -83,12 +83,51 @@ def _compressed_mask(block: int, num_cmp: int, tk: int, k_len: torch.Tensor, cau
     return Mask(fn, f"nsa_compressed({block})")
 
 
-def compressed_branch(call: AttentionCall, block: int, v: Optional[torch.Tensor] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, Optional[Packing]]:
-    """Branch 1: `(out [B, Tq, Hq, Dv], lse_padded [N, Hq, Tq'], packing)`, differentiable.
+def _compressed_block_mask(block: int, tk: int, tq: int, nc: int, causal: bool, device: torch.device):
+    """The FlexAttention BlockMask of branch 1: `tq` queries over the `nc = tk // block` pooled keys.
 
-    Under varlen the branch runs on the padded per-sequence batch; `lse_padded` stays in that layout
-    (the selection policy's), `out` is packed back. `v` overrides the values (selection-only runs)."""
+    Query i sits at key position `p = i + tk - tq` (bottom-right aligned in the *uncompressed* keys),
+    so under causality it sees the first `floor((p + 1) / block)` compressed blocks (block c iff
+    `(c + 1) * block - 1 <= p`), and every one of them otherwise. That prefix pattern becomes a
+    BlockMask directly (`prefix_block_mask`: O(tq / 128 * nc / 128) work, never a `tq x nc` mask),
+    cached per shape; `nc` need not be a multiple of FlexAttention's block (`seq_lengths`)."""
+    shift = tk - tq + 1  # p + 1 = i + shift
+    if causal:
+        def num_visible(i: torch.Tensor) -> torch.Tensor:
+            return torch.div(i + shift, block, rounding_mode="floor")
+
+        def mask_mod(b, h, i, c):  # (c + 1) * block - 1 <= p; c < nc is FlexAttention's own bound
+            return (c + 1) * block <= i + shift
+    else:
+        num_visible, mask_mod = (lambda i: torch.full_like(i, nc)), None  # noqa: E731
+    key = ("nsa_compressed", block, shift if causal else None, tq, nc, str(device))
+    return cached_block_mask(key, lambda: prefix_block_mask(num_visible, mask_mod, tq, nc, device))
+
+
+def _compressed_flex(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, block: int, tk: int, causal: bool,
+                     scale: float, flex: Optional[Callable]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Branch 1 on FlexAttention: `q [N, Tq, Hq, D]` over the pooled `kc, vc [N, nc, Hkv, *]` (GQA through
+    `enable_gqa`): `(out [N, Tq, Hq, Dv], lse [N, Hq, Tq])`."""
+    Tq, nc = q.shape[1], kc.shape[1]
+    bm = _compressed_block_mask(block, tk, Tq, nc, causal, q.device)
+    out, lse = flex_attention_lse(q, kc, vc, bm, scale, flex)
+    n_empty = max(0, min(Tq, block - 1 - (tk - Tq))) if causal else 0  # the first rows see no complete block
+    if n_empty:  # FlexAttention already gives them out 0, LSE -inf; pin the LSE (it drives the selection)
+        lse = lse.masked_fill(torch.arange(Tq, device=lse.device) < n_empty, float("-inf"))
+    return out, lse
+
+
+def compressed_branch(call: AttentionCall, block: int, v: Optional[torch.Tensor] = None, *,
+                      flex: Union[bool, Callable] = False) -> tuple[torch.Tensor, torch.Tensor, Optional[Packing]]:
+    """Branch 1: `(out [B, Tq, Hq, Dv], lse_padded [N, Hq, Tq'], packing)`, differentiable (q, k, v, through
+    the pooling; the LSE too). The LSE is the natural log, float32 (float64 for float64), `-inf` for a
+    query that sees no complete block, whose output row is 0.
+
+    `flex=False` runs on the reference executor (`blockwise_attention`). `flex=True` runs the attention
+    over the pooled keys on compiled FlexAttention (the GPU path); a callable is used in place of the
+    compiled `flex_attention` (tests pass the eager one). Varlen calls always take the reference: the
+    branch runs on the padded per-sequence batch, `lse_padded` stays in that layout (the selection
+    policy's), `out` is packed back. `v` overrides the values (selection-only runs)."""
     v = call.v if v is None else v
     packing = Packing(call.cu_seqlens, call.device) if call.varlen else None
     q, k, vv = (call.q, call.k, v) if packing is None else (packing.pad(call.q), packing.pad(call.k), packing.pad(v))
@@ -103,8 +142,12 @@ def compressed_branch(call: AttentionCall, block: int, v: Optional[torch.Tensor]
         cd = compute_dtype(q.dtype)
         kc = k[:, : nc * block].to(cd).unflatten(1, (nc, block)).mean(2).to(k.dtype)  # [N, nc, Hkv, D]
         vc = vv[:, : nc * block].to(cd).unflatten(1, (nc, block)).mean(2).to(vv.dtype)
-        mask = _compressed_mask(block, nc, Tk, k_len, call.causal)
-        out, lse = blockwise_attention(q, kc, vc, causal=False, scale=call.scale, mask=mask)
+        if (flex is True or callable(flex)) and packing is None:
+            out, lse = _compressed_flex(q, kc, vc, block, Tk, call.causal, call.scale,
+                                        None if flex is True else flex)
+        else:
+            mask = _compressed_mask(block, nc, Tk, k_len, call.causal)
+            out, lse = blockwise_attention(q, kc, vc, causal=False, scale=call.scale, mask=mask)
     if packing is not None:
         out = packing.unpad(out)
     return out, lse, packing
@@ -117,7 +160,16 @@ def selection_from_lse(call: AttentionCall, block_size: int, topk: int, lse_cmp:
 
 def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optional[torch.Tensor]) -> KVSelection:
     """Branch 2's selection. `lse_cmp=None`: the compressed branch's LSE is computed here, from the
-    same score tiles (the logsumexp of the visible compressed scores of each row), without its output."""
+    same score tiles (the logsumexp of the visible compressed scores of each row), without its output.
+
+    Layout, so that a tile costs one matmul, one in-place pass and one reduction over its
+    `[N, Hkv, R, G, C]` float32 scores (G: the query heads of a KV group, averaged): the queries are
+    copied once into `qa [N, Hkv, Tq, G, Da]`, scaled, with one extra column holding `-lse` (the pooled
+    keys carry a 1 there), so a tile's rows are one `[R * G, Da]` matrix per KV head and the matmul
+    yields `scale * q.k - lse` directly; then `exp_` in place and a sum over the group (the mean's
+    ranking). Columns that a row cannot see are masked on the `[N, Hkv, R, C]` result, not on the
+    scores (a column's probability depends on its own score only). Rounding differs from
+    `exp(q.k * scale - lse)` by an ulp or so: the selected set is the same up to ties."""
     view = seq_view(call)
     bs = block_size
     N, Tq, Hq, D = view.q.shape
@@ -125,10 +177,15 @@ def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optiona
     Tk, nk, nc = view.tk, cdiv(view.tk, bs), view.tk // bs
     dev = view.q.device
     cd = compute_dtype(call.dtype)
+    Da = cdiv(D + 1, 4) * 4  # D + the -lse column, padded to 16 bytes in float32
     with torch.no_grad():
-        qg = view.q.to(cd).view(N, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [N, Hkv, G, Tq, D]
+        qa = torch.empty(N, Hkv, Tq, G, Da, dtype=cd, device=dev)
+        qa[..., :D].copy_(view.q.unflatten(2, (Hkv, G)).transpose(1, 2)).mul_(call.scale)
+        qa[..., D:] = 0
         kc = view.k[:, : nc * bs].to(cd).unflatten(1, (nc, bs)).mean(2).to(call.dtype).to(cd)  # as branch 1
-        kc = torch.cat([kc, kc.new_zeros(N, nk - nc, Hkv, D)], 1).permute(0, 2, 3, 1).unsqueeze(2)  # [N, Hkv, 1, D, nk]
+        ka = torch.zeros(N, Hkv, Da, nk, dtype=cd, device=dev)  # [N, Hkv, Da, nk]: blocks past nc stay 0
+        ka[:, :, :D, :nc] = kc.permute(0, 2, 3, 1)
+        ka[:, :, D, :] = 1
         q_pos = view.q_pos()
         own = q_pos // bs  # [Tq]
         k_len = view.k_len.view(N, 1, 1, 1)
@@ -143,33 +200,41 @@ def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optiona
                 vis = vis & (last <= q_pos[rows].view(-1, 1))
             return vis
 
-        def logits(rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            """Scaled scores `[N, Hkv, G, R, C]`, -inf where not visible, and the visibility."""
-            s = torch.matmul(qg[..., rows, :], kc[..., cols]).mul_(call.scale)
+        def scores(rows: slice, cols: slice) -> torch.Tensor:
+            """`scale * q.k + qa[..., D]` as `[N, Hkv, R, G, C]` (one batched matmul over N * Hkv)."""
+            R = rows.stop - rows.start
+            s = torch.matmul(qa[:, :, rows].reshape(N, Hkv, R * G, Da), ka[..., cols])
+            return s.view(N, Hkv, R, G, cols.stop - cols.start)
+
+        def masked(rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            """Scaled scores, -inf where not visible (the LSE column must hold 0), and the visibility."""
             vis = visible(rows, cols)
-            return s.masked_fill_(~vis.unsqueeze(2), float("-inf")), vis
+            return scores(rows, cols).masked_fill_(~vis.unsqueeze(3), float("-inf")), vis
 
         def finite(lse: torch.Tensor) -> torch.Tensor:  # a row that sees no compressed block: 0
             return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
         # the LSE comes with the score tile when one tile spans every column; else a first pass over the tiles
         fused = lse_cmp is None and col_chunk >= nk
-        lse: Optional[torch.Tensor] = None
         if lse_cmp is not None:
-            lse = finite(lse_cmp.detach().to(cd)).view(N, Hkv, G, Tq, 1)
+            qa[..., D] = finite(lse_cmp.detach().to(cd)).reshape(N, Hkv, G, Tq).transpose(2, 3).neg()
         elif not fused:
-            lse = torch.full((N, Hkv, G, Tq, 1), float("-inf"), dtype=cd, device=dev)
+            lse = torch.full((N, Hkv, Tq, G), float("-inf"), dtype=cd, device=dev)
             for r0 in range(0, Tq, row_chunk):
                 rows = slice(r0, min(r0 + row_chunk, Tq))
                 for c0 in range(0, nk, col_chunk):
-                    s, _ = logits(rows, slice(c0, min(c0 + col_chunk, nk)))
-                    lse[..., rows, :] = torch.logaddexp(lse[..., rows, :], torch.logsumexp(s, -1, keepdim=True))
-            lse = finite(lse)
+                    s, _ = masked(rows, slice(c0, min(c0 + col_chunk, nk)))
+                    lse[:, :, rows] = torch.logaddexp(lse[:, :, rows], torch.logsumexp(s, -1))
+            qa[..., D] = finite(lse).neg_()
+            del lse
 
         def score(rows: slice, cols: slice) -> torch.Tensor:  # [N, Hkv, R, C]
-            s, vis = logits(rows, cols)
-            row_lse = finite(torch.logsumexp(s, -1, keepdim=True)) if lse is None else lse[..., rows, :]
-            prob = s.sub_(row_lse).exp_().mean(2)  # mean over the group's query heads
+            if fused:  # the tile spans every column: its own logsumexp is the row's LSE
+                s, vis = masked(rows, cols)
+                s = s.sub_(finite(torch.logsumexp(s, -1, keepdim=True)))
+            else:  # s - lse from the matmul; columns not visible are masked after the sum
+                s, vis = scores(rows, cols), visible(rows, cols)
+            prob = s.exp_().sum(3)  # over the group's query heads (the mean's order, G times it)
             prob = prob.masked_fill_(~vis, float("-inf"))
             c = torch.arange(cols.start, cols.stop, device=dev).view(1, -1)
             o = own[rows].view(-1, 1)
@@ -199,9 +264,10 @@ def policy(call: AttentionCall, block_size: int, topk: int) -> KVSelection:
 def run(call: AttentionCall, opts: NsaOptions, gpu: bool = False) -> torch.Tensor:
     """The gated mix of the three branches: `[B, Tq, Hq, Dv]`.
 
-    `gpu=False` runs every branch on the reference executor. `gpu=True` runs the selected branch on
-    the Triton sparse kernel (per-token rows, selection shared by the KV group) and the window on
-    FlexAttention; the compressed branch (Tk / block_size pooled keys) stays on the reference."""
+    `gpu=False` runs every branch on the reference executor. `gpu=True` (the triton backend: CUDA, no
+    varlen) runs the compressed branch (Tk // block_size pooled keys) and the window on compiled
+    FlexAttention, the selection from the compressed branch's LSE, and the selected branch on the
+    Triton sparse kernel (per-token rows, selection shared by the KV group)."""
     cd = compute_dtype(call.dtype)
     out = torch.zeros(*call.q.shape[:3], call.v.shape[-1], dtype=cd, device=call.device)
 
@@ -211,7 +277,7 @@ def run(call: AttentionCall, opts: NsaOptions, gpu: bool = False) -> torch.Tenso
 
     lse_cmp = None
     if opts.g_cmp is not None:
-        o_cmp, lse_cmp, _ = compressed_branch(call, opts.block_size)
+        o_cmp, lse_cmp, _ = compressed_branch(call, opts.block_size, flex=gpu)
         add(opts.g_cmp, o_cmp)
     if opts.g_slc is not None:
         sel = (policy(call, opts.block_size, opts.topk) if lse_cmp is None

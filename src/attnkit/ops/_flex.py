@@ -209,3 +209,76 @@ def run_flex_selection(call: AttentionCall, selection: KVSelection, mask: Option
 def run_flex_mask(call: AttentionCall, mask: Mask) -> Any:
     bm = predicate_block_mask(mask, call.batch, call.hq, call.tq, call.tk, call.causal, call.device)
     return run_flex_block_mask(call, bm)
+
+
+# --- prefix patterns (NSA's compressed branch) -------------------------------------------------
+
+
+def cached_block_mask(key: tuple, build: Callable[[], Any]) -> Any:
+    """The BlockMask cached under `key` (the LRU shared with `predicate_block_mask`), else `build()`.
+    `key` must name everything the mask depends on (pattern, its parameters, shapes, device)."""
+    full_key = ("built",) + tuple(key)
+    bm = _MASK_CACHE.get(full_key)
+    if bm is None:
+        bm = build()
+        _MASK_CACHE[full_key] = bm
+        while len(_MASK_CACHE) > _MASK_CACHE_SIZE:
+            _MASK_CACHE.popitem(last=False)
+    else:
+        _MASK_CACHE.move_to_end(full_key)
+    return bm
+
+
+def prefix_block_mask(num_visible: Callable[[torch.Tensor], torch.Tensor], mask_mod: Optional[Callable],
+                      tq: int, tk: int, device: torch.device):
+    """A BlockMask (shared by every batch and head) for a pattern where query `i` sees exactly the keys
+    `j < num_visible(i)`, with `num_visible` nondecreasing in `i` (values outside `[0, tk]` are clamped).
+
+    `num_visible(idx)` maps a tensor of query indices to visible-key counts; `mask_mod` must be the same
+    rule as a token predicate (`kv_idx < num_visible(q_idx)`; None when every key is visible). The block
+    structure is computed from `num_visible` at the first and last query of each query block, in
+    O(Nq * Nk) work, and classifies blocks as `create_block_mask` does: a block is *full* when it lies
+    inside `tq x tk` and the block's first query already sees all of its keys, *partial* when its last
+    query sees some of them (the blocks that cross `tq` or `tk` are never full: FlexAttention bounds them,
+    and the mask_mod runs there). `tq`, `tk` need not be multiples of `FLEX_BLOCK` (`seq_lengths`)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nq, nk = cdiv(tq, FLEX_BLOCK), cdiv(tk, FLEX_BLOCK)
+    qb = torch.arange(nq, device=device, dtype=torch.int64)
+    lo = num_visible(qb * FLEX_BLOCK).clamp(0, tk)  # keys every query of the block sees
+    hi = num_visible(torch.clamp_max((qb + 1) * FLEX_BLOCK, tq) - 1).clamp(0, tk)  # keys some query sees
+    # full key blocks: j < n_full, (j + 1) * FLEX_BLOCK <= lo (<= tk), in a query block inside tq
+    inside = (qb + 1) * FLEX_BLOCK <= tq
+    n_full = torch.where(inside, torch.div(lo, FLEX_BLOCK, rounding_mode="floor"), torch.zeros_like(lo))
+    n_any = torch.div(hi + FLEX_BLOCK - 1, FLEX_BLOCK, rounding_mode="floor")  # blocks j with j * FLEX_BLOCK < hi
+    n_part = (n_any - n_full).clamp_min(0)
+    kb = torch.arange(nk, device=device, dtype=torch.int64).view(1, -1)
+    full_i = torch.where(kb < n_full.view(-1, 1), kb, torch.zeros_like(kb))
+    part_i = torch.where(kb < n_part.view(-1, 1), kb + n_full.view(-1, 1), torch.zeros_like(kb))
+    as_mask = lambda x: x.to(torch.int32).view(1, 1, *x.shape[-2:]).contiguous()  # noqa: E731
+    as_count = lambda x: x.to(torch.int32).view(1, 1, -1).contiguous()  # noqa: E731
+    kwargs = {}
+    if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        kwargs["seq_lengths"] = (tq, tk)
+    if mask_mod is None:
+        from torch.nn.attention.flex_attention import noop_mask as mask_mod
+    return BlockMask.from_kv_blocks(as_count(n_part), as_mask(part_i), as_count(n_full), as_mask(full_i),
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, **kwargs)
+
+
+def flex_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float,
+                       flex: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention over `[B, T, H, D]` tensors (any Tq, Tk and GQA): `(out [B, Tq, Hq, Dv], lse [B, Hq, Tq])`,
+    the LSE in natural log, float32 (float64 for float64 inputs). `flex` defaults to `compiled_flex()`
+    (tests pass the eager `flex_attention`). A query whose row of the BlockMask sees no key gets out 0 and
+    LSE -inf from FlexAttention itself (its eager path and its Triton kernels both treat such rows so)."""
+    import torch.nn.attention.flex_attention as fa
+
+    flex = flex or compiled_flex()
+    aux = getattr(fa, "AuxRequest", None)  # return_lse is deprecated where AuxRequest exists
+    kwargs = {"return_aux": aux(lse=True)} if aux is not None else {"return_lse": True}
+    out, lse = call_compiled(flex, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                             scale=scale, enable_gqa=q.shape[2] != k.shape[2], **kwargs)
+    if aux is not None:
+        lse = lse.lse
+    return out.transpose(1, 2), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

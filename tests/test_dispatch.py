@@ -1,0 +1,55 @@
+"""Dispatch by measurement: the measured table reorders GPU backends for `backend="auto"`."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+import attnkit.ops.dispatch as dispatch
+import attnkit.ops.measured_dispatch as measured
+from attnkit.core.contract import validate_attention
+from attnkit.registry import Backend, Capabilities, MethodSpec, NoOptions, choose_backend
+
+TABLE = {"device": "Fake GPU 80GB", "device_match": "Fake GPU", "source": "results/x.json",
+         "entries": [{"method": "m", "min_t": 0, "max_t": 11585, "order": ["flex", "triton"], "evidence": "e1"},
+                     {"method": "m", "min_t": 11586, "max_t": 2**31 - 1, "order": ["triton", "flex"],
+                      "evidence": "e2"}]}
+
+
+def _call(tk: int, device: str = "cuda") -> SimpleNamespace:
+    return SimpleNamespace(device=torch.device(device, 0) if device == "cuda" else torch.device("cpu"), tk=tk)
+
+
+def test_measured_order_by_device_method_and_length(monkeypatch):
+    monkeypatch.setattr(measured, "TABLE", TABLE)
+    monkeypatch.setattr(dispatch, "_device_name", lambda index: "Fake GPU 80GB")
+    assert dispatch.measured_order("m", _call(4096))[0] == ["flex", "triton"]
+    order, why = dispatch.measured_order("m", _call(65536))
+    assert order == ["triton", "flex"] and "results/x.json" in why and "e2" in why
+    assert dispatch.measured_order("other", _call(4096)) is None  # not measured: registry order
+    assert dispatch.measured_order("m", _call(4096, "cpu")) is None
+    monkeypatch.setattr(dispatch, "_device_name", lambda index: "Another GPU")
+    assert dispatch.measured_order("m", _call(4096)) is None  # a device the table does not name
+
+
+def test_choose_backend_follows_the_measurement(monkeypatch):
+    run = lambda call, opts: None  # noqa: E731
+    spec = MethodSpec("m", "sparse", "-", "-", NoOptions, Capabilities(),
+                      (Backend("triton", run), Backend("flex", run), Backend("reference", run)))
+    q = torch.randn(1, 8, 2, 4)
+    call = validate_attention(q, q, q, causal=True)
+    assert choose_backend(spec, call, None).chosen == "triton"  # no measurement: registry order
+    monkeypatch.setattr(dispatch, "measured_order", lambda method, call: (["flex", "triton"], "measured: e1"))
+    exp = choose_backend(spec, call, None)
+    assert exp.chosen == "flex" and "measured: e1" in str(exp)
+    assert choose_backend(spec, call, None, "triton").chosen == "triton"  # an explicit request wins
+
+
+def test_committed_table_names_real_backends():
+    from attnkit.registry import get_method
+
+    assert measured.TABLE["entries"], "the committed table has measurements"
+    for e in measured.TABLE["entries"]:
+        names = {b.name for b in get_method(e["method"]).backends}
+        assert set(e["order"]) <= names and e["min_t"] <= e["max_t"] and e["evidence"]
