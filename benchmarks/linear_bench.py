@@ -7,7 +7,7 @@ forward and forward+backward of attnkit's PyTorch chunked form (eager, and `torc
 where the time budget allows), of fla's chunked kernels (attnkit's `fla` backend), and of cuDNN
 dense causal attention (`scaled_dot_product_attention`, cuDNN backend) at the same shape.
 Times are the median of CUDA-event timings after warm-up. Before timing, each method's fla and
-PyTorch outputs are compared on a small shape (relative max error). The JSON is rewritten after
+PyTorch outputs are compared at the timed shape (relative max error of the forward outputs). The JSON is rewritten after
 every measurement so that a run cut short still leaves its numbers.
 """
 
@@ -30,7 +30,9 @@ METHODS = ["linear_attention", "simple_gla", "gla", "delta_rule", "gated_delta_r
 
 
 def inputs(name: str, T: int, H: int, D: int, grad: bool) -> dict[str, torch.Tensor]:
+    """The same tensors for every implementation of a (method, T): the cross-check compares like with like."""
     dev, bf = "cuda", torch.bfloat16
+    torch.manual_seed(T)
     x = {key: torch.randn(1, T, H, D, device=dev, dtype=bf) for key in ("q", "k", "v")}
     if name in ("simple_gla", "gated_delta_rule"):
         x["g"] = F.logsigmoid(torch.randn(1, T, H, device=dev)) / 16
@@ -96,7 +98,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results/linear_h100.json")
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--budget-s", type=float, default=360.0, help="skip torch.compile runs past this time")
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="stop starting fla / torch.compile measurements past this many seconds")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the chunked engine")
     args = ap.parse_args()
     t0 = time.time()
     H, D = 16, 128
@@ -105,25 +110,49 @@ def main() -> None:
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "fla": getattr(fla, "__version__", "?"),
         "python": platform.python_version(), "shape": {"B": 1, "H": H, "K": D, "V": D}, "dtype": "bf16",
-        "timing": "median of 7 CUDA-event timings after 2 warm-ups, ms",
+        "timing": "median of 7 CUDA-event timings after 2 warm-ups, ms; fla's Triton autotuning happens in the "
+                  "warm-up (its keys hold H, K, V, not T)",
+        "command": "python " + " ".join(__import__("sys").argv),
     }
-    res: list = []
+    try:
+        import triton
 
-    # cross-check: fla vs the PyTorch chunked form on a small shape (float32 compute on both)
-    for name in METHODS:
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    res: list = []
+    outputs: dict = {}  # (method, T) -> forward output of the chunked form, for the fla cross-check
+
+    def time_impl(name: str, T: int, impl: str) -> None:
         try:
-            x = inputs(name, 1024, 4, 64, grad=False)
+            x = inputs(name, T, H, D, grad=True)
             with torch.no_grad():
-                a, b = call(name, x, "fla").float(), call(name, x, "chunk").float()
-            rel = ((a - b).abs().max() / b.abs().max()).item()
-            measure(res, args.out, meta, kind="crosscheck", method=name, T=1024, rel_max_err_fla_vs_chunk=rel)
-        except Exception as e:  # record, keep going
-            measure(res, args.out, meta, kind="crosscheck", method=name, T=1024, error=f"{type(e).__name__}: {e}"[:300])
+                fwd = timeit(lambda: call(name, x, impl))
+                o = call(name, x, impl).float()
+            row: dict[str, Any] = dict(kind="time", method=name, impl=impl, T=T, fwd_ms=fwd)
+            if impl == "chunk":
+                outputs[(name, T)] = o
+            elif (name, T) in outputs:
+                ref = outputs[(name, T)]
+                row["rel_max_err_vs_chunk"] = ((o - ref).abs().max() / ref.abs().max()).item()
+            del o
+            try:
+                row["fwd_bwd_ms"] = timeit(fwd_bwd(lambda y: call(name, y, impl), x))
+            except Exception as e:  # fla refuses some backward passes on some Triton versions: record why
+                row["fwd_bwd_error"] = f"{type(e).__name__}: {e}"[:300]
+            row["peak_gib_so_far"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            measure(res, args.out, meta, **row)
+        except Exception as e:  # OOM or an fla failure: record, keep going
+            measure(res, args.out, meta, kind="time", method=name, impl=impl, T=T,
+                    error=f"{type(e).__name__}: {e}"[:300])
+        finally:
+            x = None
+            torch.cuda.empty_cache()
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     for T in args.T:
         # dense causal attention at the same shape: cuDNN through SDPA
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         qd, kd, vd = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         try:
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -136,50 +165,44 @@ def main() -> None:
             measure(res, args.out, meta, kind="time", method="dense_sdpa_cudnn", impl="sdpa-cudnn", T=T,
                     error=f"{type(e).__name__}: {e}"[:300])
         del qd, kd, vd
-        for name in METHODS:
-            for impl in ("chunk", "fla"):  # PyTorch first: fla's first calls compile and autotune
+        for name in args.methods:  # the PyTorch chunked form first: cheap, and the reference of the cross-check
+            time_impl(name, T, "chunk")
+
+    for name in args.methods:  # fla: its first call per method autotunes (minutes), so under a budget
+        for T in args.T:
+            if time.time() - t0 > args.budget_s:
+                measure(res, args.out, meta, kind="time", method=name, impl="fla", T=T,
+                        error="skipped: benchmark time budget spent (fla autotuning)")
+                continue
+            time_impl(name, T, "fla")
+
+    if args.compile:  # torch.compile of the chunked engine (compile time is recorded)
+        for name in ("simple_gla", "gla"):
+            for T in args.T:
+                if time.time() - t0 > args.budget_s:
+                    measure(res, args.out, meta, kind="time", method=name, impl="chunk-compile", T=T,
+                            error="skipped: benchmark time budget spent")
+                    continue
                 try:
+                    engine = torch.compile(chunk_forward, dynamic=False)
                     x = inputs(name, T, H, D, grad=True)
+                    run = lambda y: engine(y["q"], y["k"], y["v"], y.get("g"), None, D ** -0.5, None, 64)[0]  # noqa: E731
+                    c0 = time.time()
                     with torch.no_grad():
-                        fwd = timeit(lambda: call(name, x, impl))
-                    fb = timeit(fwd_bwd(lambda y: call(name, y, impl), x))
-                    peak = torch.cuda.max_memory_allocated() / 2**30
-                    measure(res, args.out, meta, kind="time", method=name, impl=impl, T=T, fwd_ms=fwd, fwd_bwd_ms=fb,
-                            peak_gib_so_far=round(peak, 2))
-                except Exception as e:  # OOM or an fla failure: record, keep going
-                    measure(res, args.out, meta, kind="time", method=name, impl=impl, T=T,
+                        run(x)
+                    torch.cuda.synchronize()
+                    compile_s = time.time() - c0
+                    with torch.no_grad():
+                        fwd = timeit(lambda: run(x))
+                    fb = timeit(fwd_bwd(run, x))
+                    measure(res, args.out, meta, kind="time", method=name, impl="chunk-compile", T=T, fwd_ms=fwd,
+                            fwd_bwd_ms=fb, compile_fwd_s=round(compile_s, 1))
+                except Exception as e:  # record, keep going
+                    measure(res, args.out, meta, kind="time", method=name, impl="chunk-compile", T=T,
                             error=f"{type(e).__name__}: {e}"[:300])
                 finally:
                     x = None
                     torch.cuda.empty_cache()
-
-    # torch.compile of the chunked engine (the chunk loop unrolls; compile time is recorded)
-    for name in ("simple_gla", "gla"):
-        for T in args.T:
-            if time.time() - t0 > args.budget_s:
-                measure(res, args.out, meta, kind="time", method=name, impl="chunk-compile", T=T,
-                        error="skipped: benchmark time budget spent")
-                continue
-            try:
-                engine = torch.compile(chunk_forward, dynamic=False)
-                x = inputs(name, T, H, D, grad=True)
-                run = lambda y: engine(y["q"], y["k"], y["v"], y.get("g"), None, D ** -0.5, None, 64)[0]  # noqa: E731
-                c0 = time.time()
-                with torch.no_grad():
-                    run(x)
-                torch.cuda.synchronize()
-                compile_s = time.time() - c0
-                with torch.no_grad():
-                    fwd = timeit(lambda: run(x))
-                fb = timeit(fwd_bwd(run, x))
-                measure(res, args.out, meta, kind="time", method=name, impl="chunk-compile", T=T, fwd_ms=fwd,
-                        fwd_bwd_ms=fb, compile_fwd_s=round(compile_s, 1))
-            except Exception as e:  # record, keep going
-                measure(res, args.out, meta, kind="time", method=name, impl="chunk-compile", T=T,
-                        error=f"{type(e).__name__}: {e}"[:300])
-            finally:
-                x = None
-                torch.cuda.empty_cache()
     meta["total_s"] = round(time.time() - t0, 1)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": res}, f, indent=1)

@@ -3,6 +3,8 @@
 Each method module validates its own gates, then hands the tensors here. `backend`:
 `"auto"` (fla when importable and the tensors are on CUDA, else `"chunk"`), `"fla"`,
 `"chunk"` (the PyTorch chunked form) or `"reference"` (the token-by-token recurrence).
+With the environment variable ATTNKIT_LINEAR_COMPILE=1, `"chunk"` on CUDA runs the chunked
+engine through `torch.compile` (see `chunk.engine_for`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .chunk import chunk_forward
+from .chunk import engine_for
 from .common import (
     check_chunk_size,
     check_flag,
@@ -78,8 +80,10 @@ def run_forms(
     tokens = [q, k, v, g, beta]
 
     if chosen == "chunk":
+        engine = engine_for(q)  # chunk_forward, or torch.compile'd with ATTNKIT_LINEAR_COMPILE on CUDA
+
         def batched(q, k, v, g, beta, h0):  # type: ignore[no-untyped-def]
-            return chunk_forward(q, k, v, g, beta, scale, h0, chunk_size)
+            return engine(q, k, v, g, beta, scale, h0, chunk_size)
 
         if cu_seqlens is None:
             o, state = batched(*tokens, initial_state)
