@@ -80,7 +80,9 @@ def _compressed_mask(block: int, num_cmp: int, tk: int, k_len: torch.Tensor, cau
         ok = last < k_len.to(c.device)[b]
         return ok & (last <= q + offset) if causal else ok
 
-    return Mask(fn, f"nsa_compressed({block})")
+    # the name holds every scalar the predicate closes over; `k_len` (varlen lengths) is not in it,
+    # so the mask must not go through a name-keyed block-mask cache (only the reference path uses it)
+    return Mask(fn, f"nsa_compressed(block={block}, num_cmp={num_cmp}, tk={tk}, causal={causal})")
 
 
 def _compressed_block_mask(block: int, tk: int, tq: int, nc: int, causal: bool, device: torch.device):
