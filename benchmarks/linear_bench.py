@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import attnkit.linear as L
+from attnkit.bench.timing import time_call
 from attnkit.linear.chunk import chunk_forward
 
 METHODS = ["linear_attention", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "kda"]
@@ -63,18 +63,8 @@ def call(name: str, x: dict[str, torch.Tensor], backend: str, chunk_size: int = 
 
 
 def timeit(fn: Callable[[], Any], warmup: int = 2, reps: int = 7) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median CUDA-event milliseconds of `reps` runs after `warmup` (the benchmark's own timer)."""
+    return time_call(fn, torch.device("cuda"), warmup=warmup, repeats=reps, budget_s=float("inf")).median_ms
 
 
 def fwd_bwd(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], x: dict[str, torch.Tensor]) -> Callable[[], Any]:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from attnkit.bench.timing import time_call
 
 from attnkit.linear.chunk import _group_size, chunk_forward
 
@@ -54,25 +55,9 @@ def make_inputs(name: str, T: int, H: int, D: int, dtype: torch.dtype, device: s
 
 
 def timeit(fn: Callable[[], Any], warmup: int, reps: int, cuda: bool) -> float:
-    """Median milliseconds of `fn` after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of `fn` after `warmup` calls (the benchmark's own timer: CUDA events on a GPU)."""
+    device = torch.device("cuda" if cuda else "cpu")
+    return time_call(fn, device, warmup=warmup, repeats=reps, budget_s=float("inf")).median_ms
 
 
 def first_call_s(fn: Callable[[], Any], cuda: bool) -> float:

@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from attnkit.bench.timing import time_call
 
 METHODS = {
     "moba": dict(block_size=64, topk=16),
@@ -41,26 +42,10 @@ KV_HEADS = {"moba": 4, "nsa": 4, "dsa": 1, "block_topk": 4}
 
 
 def cuda_time(fn: Callable[[], Any], warmup: int, reps: int) -> float:
-    """Median milliseconds of `fn` by CUDA events (wall clock on the CPU, for smoke runs)."""
-    for _ in range(warmup):
-        fn()
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(reps):
-            s = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - s) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median milliseconds of `fn` by CUDA events (wall clock on the CPU, for smoke runs): the
+    benchmark's own timer."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return time_call(fn, device, warmup=warmup, repeats=reps, budget_s=float("inf")).median_ms
 
 
 def reps_for(T: int) -> tuple[int, int]:

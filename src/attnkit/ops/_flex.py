@@ -141,12 +141,20 @@ def predicate_block_mask(mask: Mask, batch: int, hq: int, tq: int, tk: int, caus
     """A BlockMask for a mask predicate (compiled `create_block_mask`, cached per mask and shape)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (mask.name, batch, hq if mask.head_dependent else 1, tq, tk, causal, str(device))
+    heads = hq if mask.head_dependent else 1
+    # compiled, so the predicate is evaluated block by block (eager would build [B, H, Tq, Tk])
+    return cached_block_mask(
+        (mask.name, batch, heads, tq, tk, causal, str(device)),
+        lambda: call_compiled(create_block_mask, _mask_mod(causal, tk - tq, mask), batch, heads, tq, tk,
+                              device=device, BLOCK_SIZE=FLEX_BLOCK, _compile=True))
+
+
+def cached_block_mask(key: tuple, build: Callable[[], Any]) -> Any:
+    """The BlockMask cached under `key` in the module's LRU, else `build()` (then cached).
+    `key` must name everything the mask depends on (pattern, its parameters, shapes, device)."""
     bm = _MASK_CACHE.get(key)
     if bm is None:
-        # compiled, so the predicate is evaluated block by block (eager would build [B, H, Tq, Tk])
-        bm = call_compiled(create_block_mask, _mask_mod(causal, tk - tq, mask), batch, key[2], tq, tk, device=device,
-                           BLOCK_SIZE=FLEX_BLOCK, _compile=True)
+        bm = build()
         _MASK_CACHE[key] = bm
         while len(_MASK_CACHE) > _MASK_CACHE_SIZE:
             _MASK_CACHE.popitem(last=False)
@@ -195,10 +203,8 @@ def call_compiled(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 def run_flex_block_mask(call: AttentionCall, block_mask, flex: Optional[Callable] = None) -> Any:
     """FlexAttention over `[B, T, H, D]` inputs with a prepared BlockMask; `(out, lse)` per the call."""
-    flex = flex or compiled_flex()
-    out, lse = call_compiled(flex, call.q.transpose(1, 2), call.k.transpose(1, 2), call.v.transpose(1, 2),
-                             block_mask=block_mask, scale=call.scale, enable_gqa=call.hq != call.hkv, return_lse=True)
-    return finish(call, out.transpose(1, 2), lse.float())
+    out, lse = flex_attention_lse(call.q, call.k, call.v, block_mask, call.scale, flex)
+    return finish(call, out, lse.float())
 
 
 def run_flex_selection(call: AttentionCall, selection: KVSelection, mask: Optional[Mask] = None) -> Any:
@@ -212,21 +218,6 @@ def run_flex_mask(call: AttentionCall, mask: Mask) -> Any:
 
 
 # --- prefix patterns (NSA's compressed branch) -------------------------------------------------
-
-
-def cached_block_mask(key: tuple, build: Callable[[], Any]) -> Any:
-    """The BlockMask cached under `key` (the LRU shared with `predicate_block_mask`), else `build()`.
-    `key` must name everything the mask depends on (pattern, its parameters, shapes, device)."""
-    full_key = ("built",) + tuple(key)
-    bm = _MASK_CACHE.get(full_key)
-    if bm is None:
-        bm = build()
-        _MASK_CACHE[full_key] = bm
-        while len(_MASK_CACHE) > _MASK_CACHE_SIZE:
-            _MASK_CACHE.popitem(last=False)
-    else:
-        _MASK_CACHE.move_to_end(full_key)
-    return bm
 
 
 def prefix_block_mask(num_visible: Callable[[torch.Tensor], torch.Tensor], mask_mod: Optional[Callable],
