@@ -42,6 +42,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _cache_of(out: Any) -> Any:
+    """The model output's cache: `cache` from transformers 5.2x on, `past_key_values` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 # --- timing --------------------------------------------------------------------------------------
 
 
@@ -353,7 +359,7 @@ def load_model(args: argparse.Namespace, device: str) -> tuple[Any, Any, dict[st
 
 @torch.no_grad()
 def bench_fidelity(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from attnkit.integrations.hf_kv import kv_policy
+    from attnkit.integrations.hf_kv import cache_argument, kv_policy
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, setup = load_model(args, device)
@@ -386,13 +392,13 @@ def bench_fidelity(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
             t0 = time.perf_counter()
             out = model(prompt, attention_mask=mask, use_cache=True)
             t_prefill = time.perf_counter() - t0
-            pkv = out.past_key_values
+            pkv = _cache_of(out)
             logits = [out.logits[:, -1]]
             t0, c0 = time.perf_counter(), time.process_time()
             step_s = []
             for i in range(cont.shape[1] - 1):
                 ts = time.perf_counter()
-                step = model(cont[:, i:i + 1], past_key_values=pkv, use_cache=True)
+                step = model(cont[:, i:i + 1], use_cache=True, **{cache_argument(model): pkv})
                 logits.append(step.logits[:, -1])
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -410,7 +416,7 @@ def bench_fidelity(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
             logits, timing = run()
             out = model(torch.cat([prompt, cont[:, :-1]], 1), use_cache=True)
             kept = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel()
-                       * layer.values.element_size() for layer in out.past_key_values.layers)
+                       * layer.values.element_size() for layer in _cache_of(out).layers)
             full_kept = kept
         else:
             with kv_policy(model, name, **opts) as kv:

@@ -92,10 +92,25 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="stop starting fla / torch.compile measurements past this many seconds")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the chunked engine")
+    ap.add_argument("--warm-fla", action="store_true",
+                    help="only run fla's forward+backward once per method and T (fills Triton's kernel cache: "
+                         "run one process per method in parallel before the timed run)")
     args = ap.parse_args()
     t0 = time.time()
     H, D = 16, 128
     import fla  # noqa: F401  (the run needs fla; fail loudly otherwise)
+
+    if args.warm_fla:
+        for name in args.methods:
+            for T in args.T:
+                x = inputs(name, T, H, D, grad=True)
+                try:
+                    fwd_bwd(lambda y: call(name, y, "fla"), x)()
+                    torch.cuda.synchronize()
+                    print(f"warm {name} T={T}: ok at {time.time() - t0:.0f}s", flush=True)
+                except Exception as e:  # the timed run records failures
+                    print(f"warm {name} T={T}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return
 
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "fla": getattr(fla, "__version__", "?"),

@@ -79,3 +79,28 @@ def test_no_gradient_through_the_selection():
     q.requires_grad_(True)
     sel = ak.methods.moba.select(q, k, block_size=4, topk=2)
     assert not sel.indices.requires_grad and sel.indices.dtype == torch.int32
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_half_gate_gemm_selects_as_float32(monkeypatch, causal):
+    """The CUDA path's gate GEMM (half q, block means split into three half terms) is the float32
+    score: forced onto the CPU here, it selects what the float32 path selects."""
+    import attnkit.methods.moba as moba
+
+    q, k, _ = qkv(2, 45, 70, 8, 2, D=16, dtype=torch.bfloat16, seed=3)
+    plain = moba.select(q, k, block_size=8, topk=4, causal=causal)
+    monkeypatch.setattr(moba, "SPLIT_DEVICES", ("cuda", "cpu"))
+    split = moba.select(q, k, block_size=8, topk=4, causal=causal)
+    assert torch.equal(plain.indices, split.indices)
+    assert rows_as_sets(split.indices) == brute_force(q, k, 8, 4, causal)
+
+
+def test_split_half_terms_carry_float32():
+    from attnkit.methods._routing import split_half
+
+    x = torch.randn(1000, dtype=torch.float32) * 10.0 ** torch.randint(-3, 4, (1000,))
+    parts = split_half(x, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in parts)
+    back = sum(p.double() for p in parts)
+    assert ((back - x.double()).abs() <= x.double().abs() * 2.0 ** -22).all()
+    assert not ((parts[0].double() - x.double()).abs() <= x.double().abs() * 2.0 ** -22).all()  # one term is not enough

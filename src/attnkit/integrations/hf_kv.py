@@ -23,6 +23,7 @@ sequence while the cache holds fewer tokens. Works for Llama / Qwen2 / Mistral-s
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -224,6 +225,19 @@ def _make_policy(policy: Union[str, EvictionPolicy, Reader], options: dict[str, 
     return get_policy(policy, **options), None
 
 
+# the model's cache argument: `cache` from transformers 5.2x on (where `past_key_values` is
+# deprecated and ignored when both are set), `past_key_values` before
+_CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(model: Any) -> str:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @contextlib.contextmanager
 def kv_policy(model: Any, policy: Union[str, EvictionPolicy, Reader], *, backend: str = "auto",
               probe_period: int = 64, **options: Any) -> Iterator[KVPolicyHandle]:
@@ -244,17 +258,22 @@ def kv_policy(model: Any, policy: Union[str, EvictionPolicy, Reader], *, backend
             raise AttnkitError("model: a kv_policy context is already active on this model")
         _HANDLES[id(m)] = handle
 
+    cache_arg = cache_argument(model)
+
     def pre_hook(mod: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        pkv = kwargs.get("past_key_values")
+        given = [kwargs[n] for n in _CACHE_ARGUMENTS if kwargs.get(n) is not None]
+        pkv = given[0] if given else None
         use_cache = kwargs.get("use_cache", getattr(model.config, "use_cache", True))
         if isinstance(pkv, PolicyCache):
             handle.active = pkv
         elif handle.probe is not None or (pkv is None and not use_cache):
             handle.active = None
         elif pkv is None or (isinstance(pkv, Cache) and pkv.get_seq_length() == 0):
-            kwargs["past_key_values"] = handle.active = handle.new_cache()
+            for n in _CACHE_ARGUMENTS:  # one cache, under the name this transformers reads
+                kwargs.pop(n, None)
+            kwargs[cache_arg] = handle.active = handle.new_cache()
         else:
-            raise AttnkitError("past_key_values: a kv_policy context needs a fresh cache (got a filled "
+            raise AttnkitError(f"{cache_arg}: a kv_policy context needs a fresh cache (got a filled "
                                f"{type(pkv).__name__})")
         return args, kwargs
 

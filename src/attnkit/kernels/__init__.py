@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
 
 _STATE: dict[str, object] = {}
 
@@ -37,9 +38,47 @@ def load() -> ModuleType:
     return mod  # type: ignore[return-value]
 
 
+def load_module(name: str) -> ModuleType:
+    """Import another kernel module (`"indexer"`, ...) built the same way as `load()`'s (interpreter or GPU)."""
+    load()
+    mod = _STATE.get(name)
+    if mod is None:
+        old = os.environ.get("TRITON_INTERPRET")
+        if interpreted():
+            os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            mod = importlib.import_module(f".{name}", __name__)
+        finally:
+            if interpreted():
+                if old is None:
+                    os.environ.pop("TRITON_INTERPRET", None)
+                else:
+                    os.environ["TRITON_INTERPRET"] = old
+        _STATE[name] = mod
+    return mod  # type: ignore[return-value]
+
+
 def interpreted() -> bool:
     """Whether the loaded kernels run in Triton's CPU interpreter (False before `load()`)."""
     return bool(_STATE.get("interpreted", False))
+
+
+@contextmanager
+def launch_env() -> Iterator[None]:
+    """Kernels built for the CPU interpreter also need `TRITON_INTERPRET=1` while they launch
+    (Triton reads it again then); it is set for the launch only, so other code never sees it."""
+    if not interpreted():
+        yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def loaded() -> bool:

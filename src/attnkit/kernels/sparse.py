@@ -7,7 +7,10 @@ key blocks of its selection row (DESIGN.md section 4) with the kernels of `spars
 - token mode (any other `q_block`, MoBA / NSA with `q_block == 1`): a tile is one token and the
   query heads sharing its selection row (the whole KV group when `Hsel` is `Hkv` or 1);
 - keys are contiguous tiles inside each selected block, or gathered per selection entry when
-  `k_block < 16` (DSA's token-level keys, `k_block == 1`).
+  `k_block < 16` (DSA's token-level keys, `k_block == 1`);
+- key-major (`sparse_keymajor`): token mode with fewer than 8 query heads per selection row and KV
+  head (MoBA's `Hsel == Hq`) and contiguous key blocks: a program owns a key block and gathers the
+  queries that selected it (`ATTNKIT_SPARSE_KEYMAJOR=0` turns it off).
 
 The ops work on packed tensors (`[T_total, H, D]` with `cu_q`, `cu_k`); `sparse_attention` packs a
 batch (a view), runs the op and unpacks. `attnkit::sparse_attn_fwd` returns `(out, lse)`, its
@@ -17,36 +20,18 @@ backward is `attnkit::sparse_attn_bwd`, so `torch.compile` sees two opaque ops.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import triton
 
-from . import interpreted
+from . import interpreted, launch_env as _launch_env
+from . import sparse_keymajor as keymajor
 from . import sparse_triton as kern
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
-
-
-@contextmanager
-def _launch_env() -> Iterator[None]:
-    """Kernels built for the CPU interpreter also need `TRITON_INTERPRET=1` while they launch
-    (Triton reads it again then); it is set for the launch only, so other code never sees it."""
-    if not interpreted():
-        yield
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 def _pow2(n: int) -> int:
@@ -166,7 +151,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scale):
+def _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scale, max_k=None):
     """Packed forward: q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> out [Tq, Hq, Dv], lse [Hq, Tq]."""
     tq, hq, d = q.shape
     hkv, dv = k.shape[1], v.shape[2]
@@ -175,6 +160,8 @@ def _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scal
     lse = torch.empty(hq, tq, dtype=torch.float32, device=q.device)
     if tq == 0 or n == 0:
         return out, lse
+    if max_k is not None and keymajor.uses_keymajor(hq, hkv, hsel, q_block, k_block):
+        return keymajor.forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale)
     p = plan_query_tiles(hq, hkv, hsel, q_block, k_block, d)
 
     def launch(cfg):
@@ -228,6 +215,9 @@ def _backward(do, q, k, v, out, lse, dlse, indices, cu_q, cu_k, max_q, max_k, q_
     delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()  # [Hq, Tq]
     if dlse is not None:
         delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
+    if tq > 0 and n > 0 and keymajor.uses_keymajor(hq, hkv, hsel, q_block, k_block):
+        return keymajor.backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
+                                 causal, scale)
     dq = torch.empty_like(q)
     g = hq // hkv
     div = hsel_divisor(hq, hkv, hsel)
@@ -301,7 +291,7 @@ def sparse_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: 
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed sparse attention forward: `(out [Tq, Hq, Dv], lse [Hq, Tq] float32)`."""
     with _launch_env():
-        return _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scale)
+        return _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scale, max_k)
 
 
 @sparse_attn_fwd.register_fake

@@ -25,7 +25,7 @@ from ..core.selection import KVSelection
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..ops.sparse import validate_selection
 from ..registry import MethodOptions
-from ._routing import (SeqView, check_int, check_tensor_shape, check_tensor_type, compact_rows, compute_dtype,
+from ._routing import (SeqView, bmm_f32, check_int, check_tensor_shape, check_tensor_type, compact_rows, compute_dtype,
                        register_selection, seq_view)
 
 
@@ -52,14 +52,35 @@ class DsaOptions(MethodOptions):
         check_tensor_shape("w", self.w, (call.batch, call.tq, hi), "[B, Tq, Hi]", call)
 
 
+INDEXER_KERNEL_DEVICES = ("cuda",)  # where the fused Triton indexer runs (tests add "cpu" under the interpreter)
+MAX_KERNEL_INDEX_DIM = 256
+
+
+def _indexer_kernel(device: torch.device, index_dim: int, dtype: torch.dtype) -> Any:
+    """The fused indexer-score kernel module when it can serve this device, else None (PyTorch tiles)."""
+    from .. import kernels
+
+    if device.type not in INDEXER_KERNEL_DEVICES or index_dim > MAX_KERNEL_INDEX_DIM or dtype == torch.float64:
+        return None
+    if kernels.device_ok(device.type) is not None:
+        return None
+    return kernels.load_module("indexer")
+
+
 class _Indexer:
     """Lightning-indexer scores of a view, tile by tile: `I [N, R, C]` in the compute dtype."""
 
     def __init__(self, view: SeqView, q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor) -> None:
         cd = compute_dtype(view.q.dtype)
+        # half-precision CUDA indexer inputs stay half: `bmm_f32` multiplies them exactly into float32
+        half_ok = q_idx.is_cuda and q_idx.dtype in (torch.float16, torch.bfloat16) and k_idx.dtype == q_idx.dtype
+        md = q_idx.dtype if half_ok else cd
         self.view = view
-        self.q_idx = view.pad(q_idx.detach()).to(cd)  # [N, Tq, Hi, Di]
-        self.k_t = view.pad(k_idx.detach()).to(cd).transpose(1, 2).contiguous()  # [N, Di, Tk]
+        self.kernel = _indexer_kernel(view.q.device, q_idx.shape[-1], md)
+        self.q_idx = view.pad(q_idx.detach()).to(md)  # [N, Tq, Hi, Di]
+        k = view.pad(k_idx.detach()).to(md)
+        self.k = k.contiguous() if self.kernel is not None else None  # [N, Tk, Di] (the kernel's layout)
+        self.k_t = k.transpose(1, 2).contiguous() if self.kernel is None else None  # [N, Di, Tk]
         self.w = view.pad(w.detach()).to(cd).unsqueeze(2)  # [N, Tq, 1, Hi]
         self.q_pos = view.q_pos()
         self.hi = self.q_idx.shape[2]
@@ -67,9 +88,12 @@ class _Indexer:
         self.shortest = view.tk if view.packing is None else int(view.k_len.min())
 
     def __call__(self, rows: slice, cols: slice) -> torch.Tensor:
+        if self.kernel is not None:  # fused: one write of the tile, masks included
+            return self.kernel.indexer_scores(self.q_idx, self.k, self.w.squeeze(2), self.view.k_len, rows, cols,
+                                              self.view.offset, self.view.causal)
         N, R = self.q_idx.shape[0], rows.stop - rows.start
         qi = self.q_idx[:, rows].reshape(N, R * self.hi, -1)  # [N, R*Hi, Di]
-        s = torch.matmul(qi, self.k_t[:, :, cols]).relu_()  # [N, R*Hi, C]
+        s = bmm_f32(qi, self.k_t[:, :, cols]).relu_()  # [N, R*Hi, C] float32
         C = s.shape[-1]
         s = torch.bmm(self.w[:, rows].reshape(N * R, 1, self.hi), s.view(N * R, self.hi, C)).view(N, R, C)
         # only tiles crossing the diagonal (or a sequence end) need a mask
@@ -90,7 +114,8 @@ def policy(call: AttentionCall, opts: DsaOptions) -> KVSelection:
         indexer = _Indexer(view, opts.q_idx, opts.k_idx, opts.w)
         N, Tq, Tk = view.q.shape[0], view.tq, view.tk
         dev = view.q.device
-        per_pair = N * (indexer.hi + 2)
+        # memory per score: the tile and top-k's workspace; the PyTorch tiles also hold Hi GEMM outputs
+        per_pair = N * (2 if indexer.kernel is not None else indexer.hi + 2)
         row_chunk, col_chunk = tile_sizes(Tq, Tk, elems_per_pair=per_pair, device=dev)
 
         def col_stop(rows: slice) -> int:

@@ -21,7 +21,11 @@ from ..core.contract import AttentionCall, validate_attention
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import MethodOptions
-from ._routing import block_mean, check_int, compact_rows, compute_dtype, register_selection, seq_view
+from ._routing import (block_mean, bmm_f32, check_int, compact_rows, compute_dtype, register_selection, seq_view,
+                       split_half)
+
+
+SPLIT_DEVICES = ("cuda",)  # where the gate GEMM takes half operands (tests add "cpu" to check it there)
 
 
 @dataclass(frozen=True)
@@ -42,22 +46,39 @@ def policy(call: AttentionCall, opts: MobaOptions) -> KVSelection:
     Hkv, G, nk = view.k.shape[2], Hq // view.k.shape[2], cdiv(view.tk, bs)
     with torch.no_grad():
         cd = compute_dtype(call.dtype)
-        gate_keys = block_mean(view.k, bs, view.k_len).permute(0, 2, 3, 1).unsqueeze(2)  # [N, Hkv, 1, D, nk]
-        qg = view.q.to(cd).view(N, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [N, Hkv, G, Tq, D]
+        means = block_mean(view.k, bs, view.k_len).permute(0, 2, 3, 1)  # [N, Hkv, D, nk] float32
         q_pos = view.q_pos()
         first = torch.arange(nk, device=q_pos.device) * bs  # first key of each block [nk]
         k_len = view.k_len.view(N, 1, 1, 1, 1)
+        # On CUDA with bf16 inputs the gate GEMM runs on the tensor cores: q stays bf16 and the
+        # float32 block means are split into three bf16 terms (`split_half`; bf16 has float32's
+        # exponent range, so no term underflows), one GEMM over 3 * D gives the float32 scores;
+        # elsewhere (fp16 too) q is cast to the compute dtype.
+        split = q_pos.device.type in SPLIT_DEVICES and call.dtype == torch.bfloat16
+        terms = 3 if split else 1
+        gate_keys = (torch.cat(split_half(means, call.dtype), dim=2) if split else means)  # [N, Hkv, terms*D, nk]
+        gate_keys = gate_keys.reshape(N * Hkv, terms * D, nk)
+        qg = view.q if split else view.q.to(cd)
+        qg = qg.view(N, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [N, Hkv, G, Tq, D]
 
         def score(rows: slice, cols: slice) -> torch.Tensor:  # [N, Hq, R, C]
-            s = torch.matmul(qg[..., rows, :], gate_keys[..., cols])  # [N, Hkv, G, R, C]
+            R = rows.stop - rows.start
+            qt = qg[..., rows, :]
+            if terms > 1:
+                qt = torch.cat([qt] * terms, dim=-1)
+            s = bmm_f32(qt.reshape(N * Hkv, G * R, terms * D), gate_keys[..., cols])  # [N*Hkv, G*R, C]
             p = q_pos[rows].view(-1, 1)
             f = first[cols].view(1, -1)
-            cand = f < k_len
+            cand = f < k_len  # [N, 1, 1, 1, C]
             if view.causal:
                 cand = cand & (f <= p)
-            s.masked_fill_(~cand, float("-inf"))  # in place: the tile is the only [R, C]-per-head temporary
             own = (p // bs) == torch.arange(cols.start, cols.stop, device=p.device).view(1, -1)
-            return s.masked_fill_(own, float("inf")).reshape(N, Hq, s.shape[-2], s.shape[-1])
+            # one pass over the tile: -inf for non-candidates, +inf for the own block (forced)
+            bias = torch.zeros((N, 1, 1, R, s.shape[-1]), dtype=s.dtype, device=s.device)
+            bias = bias.masked_fill_(~cand, float("-inf"))
+            bias = bias.masked_fill_(own, float("inf"))
+            s = s.view(N, Hkv, G, R, -1).add_(bias)
+            return s.reshape(N, Hq, R, s.shape[-1])
 
         def col_stop(rows: slice) -> int:
             return (rows.stop - 1 + view.offset) // bs + 1 if view.causal else nk

@@ -36,10 +36,11 @@ from ..ops._triton import run_triton, triton_why_not
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import Backend, Capabilities, MethodOptions, MethodSpec, register
-from ._routing import (Packing, check_int, check_tensor_shape, check_tensor_type, compact_rows, compute_dtype,
-                       seq_view)
+from ._routing import (Packing, bmm_f32, check_int, check_tensor_shape, check_tensor_type, compact_rows,
+                       compute_dtype, seq_view)
 
 GATES = ("g_cmp", "g_slc", "g_swa")
+HALF_GEMM_DEVICES = ("cuda",)  # where the selection's score GEMM takes bf16 operands (tests add "cpu")
 
 
 @dataclass(frozen=True)
@@ -180,14 +181,27 @@ def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optiona
     dev = view.q.device
     cd = compute_dtype(call.dtype)
     Da = cdiv(D + 1, 4) * 4  # D + the -lse column, padded to 16 bytes in float32
+    # bf16 on CUDA: q and the compressed keys (bf16 values, as branch 1 rounds them) stay bf16 and
+    # `bmm_f32` multiplies them exactly into float32 on the tensor cores; the scale and -lse are
+    # applied in one pass over the tile instead of riding in the matmul.
+    half = dev.type in HALF_GEMM_DEVICES and call.dtype == torch.bfloat16
     with torch.no_grad():
-        qa = torch.empty(N, Hkv, Tq, G, Da, dtype=cd, device=dev)
-        qa[..., :D].copy_(view.q.unflatten(2, (Hkv, G)).transpose(1, 2)).mul_(call.scale)
-        qa[..., D:] = 0
-        kc = view.k[:, : nc * bs].to(cd).unflatten(1, (nc, bs)).mean(2).to(call.dtype).to(cd)  # as branch 1
-        ka = torch.zeros(N, Hkv, Da, nk, dtype=cd, device=dev)  # [N, Hkv, Da, nk]: blocks past nc stay 0
-        ka[:, :, :D, :nc] = kc.permute(0, 2, 3, 1)
-        ka[:, :, D, :] = 1
+        kc = view.k[:, : nc * bs].to(cd).unflatten(1, (nc, bs)).mean(2).to(call.dtype)  # as branch 1
+        if half:
+            qh = view.q.unflatten(2, (Hkv, G)).transpose(1, 2).contiguous()  # [N, Hkv, Tq, G, D]
+            kh = torch.zeros(N, Hkv, D, nk, dtype=call.dtype, device=dev)  # blocks past nc stay 0
+            kh[..., :nc] = kc.permute(0, 2, 3, 1)
+            kh = kh.view(N * Hkv, D, nk)
+            neg_lse = torch.zeros(N, Hkv, Tq, G, dtype=cd, device=dev)
+        else:
+            qa = torch.empty(N, Hkv, Tq, G, Da, dtype=cd, device=dev)
+            qa[..., :D].copy_(view.q.unflatten(2, (Hkv, G)).transpose(1, 2)).mul_(call.scale)
+            qa[..., D:] = 0
+            ka = torch.zeros(N, Hkv, Da, nk, dtype=cd, device=dev)  # [N, Hkv, Da, nk]: blocks past nc stay 0
+            ka[:, :, :D, :nc] = kc.to(cd).permute(0, 2, 3, 1)
+            ka[:, :, D, :] = 1
+            neg_lse = qa[..., D]  # a view: writing it fills the matmul's extra column
+
         q_pos = view.q_pos()
         own = q_pos // bs  # [Tq]
         k_len = view.k_len.view(N, 1, 1, 1)
@@ -204,9 +218,12 @@ def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optiona
 
         def scores(rows: slice, cols: slice) -> torch.Tensor:
             """`scale * q.k + qa[..., D]` as `[N, Hkv, R, G, C]` (one batched matmul over N * Hkv)."""
-            R = rows.stop - rows.start
+            R, C = rows.stop - rows.start, cols.stop - cols.start
+            if half:
+                s = bmm_f32(qh[:, :, rows].reshape(N * Hkv, R * G, D), kh[..., cols]).view(N, Hkv, R, G, C)
+                return torch.add(neg_lse[:, :, rows].unsqueeze(-1), s, alpha=call.scale, out=s)
             s = torch.matmul(qa[:, :, rows].reshape(N, Hkv, R * G, Da), ka[..., cols])
-            return s.view(N, Hkv, R, G, cols.stop - cols.start)
+            return s.view(N, Hkv, R, G, C)
 
         def masked(rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
             """Scaled scores, -inf where not visible (the LSE column must hold 0), and the visibility."""
@@ -219,7 +236,7 @@ def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optiona
         # the LSE comes with the score tile when one tile spans every column; else a first pass over the tiles
         fused = lse_cmp is None and col_chunk >= nk
         if lse_cmp is not None:
-            qa[..., D] = finite(lse_cmp.detach().to(cd)).reshape(N, Hkv, G, Tq).transpose(2, 3).neg()
+            neg_lse.copy_(finite(lse_cmp.detach().to(cd)).reshape(N, Hkv, G, Tq).transpose(2, 3).neg())
         elif not fused:
             lse = torch.full((N, Hkv, Tq, G), float("-inf"), dtype=cd, device=dev)
             for r0 in range(0, Tq, row_chunk):
@@ -227,7 +244,7 @@ def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optiona
                 for c0 in range(0, nk, col_chunk):
                     s, _ = masked(rows, slice(c0, min(c0 + col_chunk, nk)))
                     lse[:, :, rows] = torch.logaddexp(lse[:, :, rows], torch.logsumexp(s, -1))
-            qa[..., D] = finite(lse).neg_()
+            neg_lse.copy_(finite(lse).neg_())
             del lse
 
         def score(rows: slice, cols: slice) -> torch.Tensor:  # [N, Hkv, R, C]
