@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The linear-family table (issue 4) on a GPU, in two device calls of < 10 min each, because fla's
+# first call per method autotunes for minutes (more than 155 s per gated/delta method even with
+# one process per method in parallel, as measured):
+#   call 1:  OUT=$OUT bash benchmarks/linear_gpu.sh warm   # fla fwd+bwd once per method, in parallel;
+#            writes $OUT/tcache.tgz (Triton's kernel cache with fla's autotuning results)
+#   here:    mkdir -p .cache && cp <files_at>/tcache.tgz .cache/   (.cache/ ignored; carry it)
+#   call 2:  OUT=$OUT bash benchmarks/linear_gpu.sh time   # every row in one process, no autotuning
+# Needs fla on PYTHONPATH (the .whl recipe of the device README).
+set -u
+MODE=${1:?warm or time}
+OUT=${OUT:-results/linear-gpu}
+mkdir -p "$OUT"
+export TRITON_CACHE_DIR=/tmp/tcache FLA_CACHE_RESULTS=1 PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-src}
+METHODS="linear_attention simple_gla gla delta_rule gated_delta_rule kda"
+if [ "$MODE" = warm ]; then
+  for m in $METHODS; do
+    timeout 500 python3 benchmarks/linear_bench.py --warm-fla --methods "$m" --T 8192 > "/tmp/warm_$m.log" 2>&1 &
+  done
+  wait
+  grep -h warm /tmp/warm_*.log | tee "$OUT/warm.log"
+  (cd /tmp && tar czf "$OUT/tcache.tgz" tcache) && ls -la "$OUT/tcache.tgz"
+else
+  [ -f .cache/tcache.tgz ] && (cd /tmp && tar xzf "$OLDPWD/.cache/tcache.tgz")
+  timeout 540 python3 benchmarks/linear_bench.py --out "$OUT/linear_h100.json" --budget-s 480 --compile 2>&1 | grep -v Warn
+  python3 scripts/linear_table.py "$OUT/linear_h100.json" | tee "$OUT/linear_table.md"
+fi
