@@ -44,6 +44,8 @@ def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _out_dtype_bmm_ok and a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype:
         try:
             return torch.bmm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError):  # a torch without bmm(out_dtype=): float32 from now on
             _out_dtype_bmm_ok = False
     cd = compute_dtype(a.dtype if a.dtype == torch.float64 or b.dtype != torch.float64 else b.dtype)
