@@ -307,7 +307,7 @@ def test_bf16_gemm_path_selects_as_float32(causal, small_tiles, monkeypatch):
     if small_tiles:
         monkeypatch.setattr(nsa, "tile_sizes", lambda *args, **kw: (16, 7))
     plain = nsa.select(q, k, block_size=8, topk=4, causal=causal)
-    monkeypatch.setattr(nsa, "HALF_GEMM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(ak.methods._routing, "HALF_GEMM_DEVICES", ("cuda", "cpu"))
     half = nsa.select(q, k, block_size=8, topk=4, causal=causal)
     assert rows_as_sets(half.indices) == rows_as_sets(plain.indices)
     call = ak.core.contract.validate_attention(q, k, k, causal=causal)

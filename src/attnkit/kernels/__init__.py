@@ -43,17 +43,8 @@ def load_module(name: str) -> ModuleType:
     load()
     mod = _STATE.get(name)
     if mod is None:
-        old = os.environ.get("TRITON_INTERPRET")
-        if interpreted():
-            os.environ["TRITON_INTERPRET"] = "1"
-        try:
+        with launch_env():  # interpreter kernels are decorated under TRITON_INTERPRET=1, as at launch
             mod = importlib.import_module(f".{name}", __name__)
-        finally:
-            if interpreted():
-                if old is None:
-                    os.environ.pop("TRITON_INTERPRET", None)
-                else:
-                    os.environ["TRITON_INTERPRET"] = old
         _STATE[name] = mod
     return mod  # type: ignore[return-value]
 

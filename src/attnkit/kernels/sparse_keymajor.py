@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_triton import LOG2E, _max_combine, _mm, _sum_combine
+from .sparse_triton import LOG2E, _key_tile, _max_combine, _mm, _sum_combine
 
 # launch knobs (module attributes so tests can shrink them to exercise chunking and key sub-tiles)
 ENTRY_CHUNK = 1024  # entries of one cell per program (a multiple of the BLOCK_M values below)
@@ -176,6 +176,43 @@ def _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _key_range(w, sub, WCELL, OFF, WOFF, CU_Q, CU_K, CELLS, NKB, HKV, k_block, BLOCK_N: tl.constexpr,
+               CHUNK: tl.constexpr):
+    """A program's cell and key tile: (has work, KV head, entry range lo..hi, query start, key
+    positions kn of the tile and their validity, absolute key rows, query-to-key shift)."""
+    cell, kb, hk, lo, hi, q_start, len_q, k_start, len_k = _cell_setup(w, WCELL, OFF, WOFF, CU_Q, CU_K, CELLS, NKB,
+                                                                       HKV, k_block, CHUNK)
+    k0 = kb * k_block + sub * BLOCK_N
+    kstop = tl.minimum(kb * k_block + k_block, len_k)
+    work = (tl.load(WCELL + w) < CELLS) & (k0 < kstop)
+    kn = k0 + tl.arange(0, BLOCK_N)
+    return work, hk, lo, hi, q_start, kn, kn < kstop, (k_start + kn).to(tl.int64), len_k - len_q
+
+
+@triton.jit
+def _gather_rows(X, tok64, head, ev, stride_t, stride_h, BLOCK: tl.constexpr, DIM: tl.constexpr):
+    """Rows `X[tok, head, :DIM]` of the entries (zeros where `ev` is False): [BLOCK_M, BLOCK]."""
+    c = tl.arange(0, BLOCK)
+    return tl.load(X + tok64[:, None] * stride_t + head[:, None] * stride_h + c[None, :],
+                   mask=ev[:, None] & (c[None, :] < DIM), other=0.0)
+
+
+@triton.jit
+def _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL: tl.constexpr):
+    vis = ev[:, None] & kvalid[None, :]
+    if CAUSAL:
+        vis = vis & (kn[None, :] <= (tq + shift)[:, None])
+    return vis
+
+
+@triton.jit
+def _lse_base2(LSE, lrow, ev):
+    """The rows' LSE in base 2, `+inf` for a row without keys (so `exp2(s - lse)` is 0 there)."""
+    lse = tl.load(LSE + lrow, mask=ev, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
 def _fwd_lse_kernel(
     Q, K, ORDER, OFF, WOFF, WCELL, LSE_E, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh,
@@ -183,30 +220,18 @@ def _fwd_lse_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    w = tl.program_id(0)
     sub = tl.program_id(1)
-    live = tl.load(WCELL + w) < CELLS
-    cell, kb, hk, lo, hi, q_start, len_q, k_start, len_k = _cell_setup(w, WCELL, OFF, WOFF, CU_Q, CU_K, CELLS, NKB,
-                                                                       HKV, k_block, CHUNK)
-    k0 = kb * k_block + sub * BLOCK_N
-    kstop = tl.minimum(kb * k_block + k_block, len_k)
-    if live & (k0 < kstop):
-        shift = len_k - len_q
-        kn = k0 + tl.arange(0, BLOCK_N)
-        kvalid = kn < kstop
+    work, hk, lo, hi, q_start, kn, kvalid, kn64, shift = _key_range(tl.program_id(0), sub, WCELL, OFF, WOFF, CU_Q,
+                                                                    CU_K, CELLS, NKB, HKV, k_block, BLOCK_N, CHUNK)
+    if work:
         d = tl.arange(0, BLOCK_D)
-        kn64 = (k_start + kn).to(tl.int64)
         kT = tl.load(K + kn64[None, :] * stride_kt + hk * stride_kh + d[:, None],
                      mask=kvalid[None, :] & (d[:, None] < D), other=0.0)
         for e0 in range(lo, hi, BLOCK_M):
             ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
-            q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                        mask=ev[:, None] & (d[None, :] < D), other=0.0)
+            q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
             s = _mm(q, kT, DOT_PREC) * qk_scale
-            vis = ev[:, None] & kvalid[None, :]
-            if CAUSAL:
-                vis = vis & (kn[None, :] <= (tq + shift)[:, None])
-            s = tl.where(vis, s, float("-inf"))
+            s = tl.where(_entry_visible(ev, kvalid, kn, tq, shift, CAUSAL), s, float("-inf"))
             m = tl.reduce(s, 1, _max_combine)
             m_safe = tl.where(m == float("-inf"), 0.0, m)
             l = tl.reduce(tl.math.exp2(s - m_safe[:, None]), 1, _sum_combine)
@@ -224,34 +249,19 @@ def _fwd_out_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    w = tl.program_id(0)
     sub = tl.program_id(1)
-    live = tl.load(WCELL + w) < CELLS
-    cell, kb, hk, lo, hi, q_start, len_q, k_start, len_k = _cell_setup(w, WCELL, OFF, WOFF, CU_Q, CU_K, CELLS, NKB,
-                                                                       HKV, k_block, CHUNK)
-    k0 = kb * k_block + sub * BLOCK_N
-    kstop = tl.minimum(kb * k_block + k_block, len_k)
-    if live & (k0 < kstop):
-        shift = len_k - len_q
-        kn = k0 + tl.arange(0, BLOCK_N)
-        kvalid = kn < kstop
-        d = tl.arange(0, BLOCK_D)
+    work, hk, lo, hi, q_start, kn, kvalid, kn64, shift = _key_range(tl.program_id(0), sub, WCELL, OFF, WOFF, CU_Q,
+                                                                    CU_K, CELLS, NKB, HKV, k_block, BLOCK_N, CHUNK)
+    if work:
         dvr = tl.arange(0, BLOCK_DV)
-        kn64 = (k_start + kn).to(tl.int64)
-        kT = tl.load(K + kn64[None, :] * stride_kt + hk * stride_kh + d[:, None],
-                     mask=kvalid[None, :] & (d[:, None] < D), other=0.0)
-        v = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + dvr[None, :],
-                    mask=kvalid[:, None] & (dvr[None, :] < DV), other=0.0)
+        kT, v = _key_tile(kn64, kvalid, K + hk * stride_kh, V + hk * stride_vh, stride_kt, stride_vt,
+                          BLOCK_D, BLOCK_DV, D, DV)
         for e0 in range(lo, hi, BLOCK_M):
             ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
-            q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                        mask=ev[:, None] & (d[None, :] < D), other=0.0)
-            lse = tl.load(LSE + head.to(tl.int64) * stride_lh + tok64, mask=ev, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
+            lse2 = _lse_base2(LSE, head.to(tl.int64) * stride_lh + tok64, ev)
             s = _mm(q, kT, DOT_PREC) * qk_scale
-            vis = ev[:, None] & kvalid[None, :]
-            if CAUSAL:
-                vis = vis & (kn[None, :] <= (tq + shift)[:, None])
+            vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
             p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
             o = _mm(p.to(v.dtype), v, DOT_PREC)
             tl.atomic_add(OACC + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dvr[None, :], o,
@@ -270,20 +280,12 @@ def _bwd_kernel(
 ):
     """One program: a key tile of one KV head and a chunk of the entries that selected its block.
     dK/dV of the tile are summed over the chunk and added once; dQ rows are added per step."""
-    w = tl.program_id(0)
     sub = tl.program_id(1)
-    live = tl.load(WCELL + w) < CELLS
-    cell, kb, hk, lo, hi, q_start, len_q, k_start, len_k = _cell_setup(w, WCELL, OFF, WOFF, CU_Q, CU_K, CELLS, NKB,
-                                                                       HKV, k_block, CHUNK)
-    k0 = kb * k_block + sub * BLOCK_N
-    kstop = tl.minimum(kb * k_block + k_block, len_k)
-    if live & (k0 < kstop):
-        shift = len_k - len_q
-        kn = k0 + tl.arange(0, BLOCK_N)
-        kvalid = kn < kstop
+    work, hk, lo, hi, q_start, kn, kvalid, kn64, shift = _key_range(tl.program_id(0), sub, WCELL, OFF, WOFF, CU_Q,
+                                                                    CU_K, CELLS, NKB, HKV, k_block, BLOCK_N, CHUNK)
+    if work:
         d = tl.arange(0, BLOCK_D)
         dvr = tl.arange(0, BLOCK_DV)
-        kn64 = (k_start + kn).to(tl.int64)
         k = tl.load(K + kn64[:, None] * stride_kt + hk * stride_kh + d[None, :],
                     mask=kvalid[:, None] & (d[None, :] < D), other=0.0)
         v = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + dvr[None, :],
@@ -292,18 +294,13 @@ def _bwd_kernel(
         dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
         for e0 in range(lo, hi, BLOCK_M):
             ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
-            q = tl.load(Q + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                        mask=ev[:, None] & (d[None, :] < D), other=0.0)
-            do = tl.load(DO + tok64[:, None] * stride_dot + head[:, None] * stride_doh + dvr[None, :],
-                         mask=ev[:, None] & (dvr[None, :] < DV), other=0.0)
+            q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
+            do = _gather_rows(DO, tok64, head, ev, stride_dot, stride_doh, BLOCK_DV, DV)
             lrow = head.to(tl.int64) * stride_lh + tok64
-            lse = tl.load(LSE + lrow, mask=ev, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            lse2 = _lse_base2(LSE, lrow, ev)
             delta = tl.load(DELTA + lrow, mask=ev, other=0.0)
             s = _mm(q, tl.trans(k), DOT_PREC) * qk_scale
-            vis = ev[:, None] & kvalid[None, :]
-            if CAUSAL:
-                vis = vis & (kn[None, :] <= (tq + shift)[:, None])
+            vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
             p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
             dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
             dp = _mm(do, tl.trans(v), DOT_PREC)

@@ -31,6 +31,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 _HALF = (torch.float16, torch.bfloat16)
 _out_dtype_bmm_ok = True
+HALF_GEMM_DEVICES = ("cuda",)  # where selection GEMMs keep half operands (tests add "cpu" to check those paths)
+
+
+def half_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a selection's score GEMM should keep `dtype` operands on `device` (see `bmm_f32`)."""
+    return device.type in HALF_GEMM_DEVICES and dtype in _HALF
 
 
 def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

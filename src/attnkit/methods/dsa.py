@@ -26,7 +26,7 @@ from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..ops.sparse import validate_selection
 from ..registry import MethodOptions
 from ._routing import (SeqView, bmm_f32, check_int, check_tensor_shape, check_tensor_type, compact_rows, compute_dtype,
-                       register_selection, seq_view)
+                       half_gemm, register_selection, seq_view)
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class _Indexer:
     def __init__(self, view: SeqView, q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor) -> None:
         cd = compute_dtype(view.q.dtype)
         # half-precision CUDA indexer inputs stay half: `bmm_f32` multiplies them exactly into float32
-        half_ok = q_idx.is_cuda and q_idx.dtype in (torch.float16, torch.bfloat16) and k_idx.dtype == q_idx.dtype
+        half_ok = half_gemm(q_idx.device, q_idx.dtype) and k_idx.dtype == q_idx.dtype
         md = q_idx.dtype if half_ok else cd
         self.view = view
         self.kernel = _indexer_kernel(view.q.device, q_idx.shape[-1], md)

@@ -21,11 +21,8 @@ from ..core.contract import AttentionCall, validate_attention
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import MethodOptions
-from ._routing import (block_mean, bmm_f32, check_int, compact_rows, compute_dtype, register_selection, seq_view,
-                       split_half)
-
-
-SPLIT_DEVICES = ("cuda",)  # where the gate GEMM takes half operands (tests add "cpu" to check it there)
+from ._routing import (block_mean, bmm_f32, check_int, compact_rows, compute_dtype, half_gemm, register_selection,
+                       seq_view, split_half)
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,7 @@ def policy(call: AttentionCall, opts: MobaOptions) -> KVSelection:
         # float32 block means are split into three bf16 terms (`split_half`; bf16 has float32's
         # exponent range, so no term underflows), one GEMM over 3 * D gives the float32 scores;
         # elsewhere (fp16 too) q is cast to the compute dtype.
-        split = q_pos.device.type in SPLIT_DEVICES and call.dtype == torch.bfloat16
+        split = call.dtype == torch.bfloat16 and half_gemm(q_pos.device, call.dtype)
         terms = 3 if split else 1
         gate_keys = (torch.cat(split_half(means, call.dtype), dim=2) if split else means)  # [N, Hkv, terms*D, nk]
         gate_keys = gate_keys.reshape(N * Hkv, terms * D, nk)

@@ -37,10 +37,9 @@ from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import Backend, Capabilities, MethodOptions, MethodSpec, register
 from ._routing import (Packing, bmm_f32, check_int, check_tensor_shape, check_tensor_type, compact_rows,
-                       compute_dtype, seq_view)
+                       compute_dtype, half_gemm, seq_view)
 
 GATES = ("g_cmp", "g_slc", "g_swa")
-HALF_GEMM_DEVICES = ("cuda",)  # where the selection's score GEMM takes bf16 operands (tests add "cpu")
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,7 @@ def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optiona
     # bf16 on CUDA: q and the compressed keys (bf16 values, as branch 1 rounds them) stay bf16 and
     # `bmm_f32` multiplies them exactly into float32 on the tensor cores; the scale and -lse are
     # applied in one pass over the tile instead of riding in the matmul.
-    half = dev.type in HALF_GEMM_DEVICES and call.dtype == torch.bfloat16
+    half = call.dtype == torch.bfloat16 and half_gemm(dev, call.dtype)
     with torch.no_grad():
         kc = view.k[:, : nc * bs].to(cd).unflatten(1, (nc, bs)).mean(2).to(call.dtype)  # as branch 1
         if half:
