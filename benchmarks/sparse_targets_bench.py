@@ -96,7 +96,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--no-fla", action="store_true", help="skip fla's parallel_nsa even if installed")
     ap.add_argument("--plot", action="store_true", help="also write <out>.png (time vs T)")
     ap.add_argument("--out", default="results/sparse_targets_h100.json")
+    ap.add_argument("--report", metavar="JSON",
+                    help="measure nothing: summarise a results file (also one a time limit cut short), rewrite "
+                         "it with the speed-ups, draw its plot and print the docs table")
     args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report)
 
     import attnkit as ak
     from attnkit.bench import selection_time
@@ -234,6 +239,43 @@ def summarise(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         cross[key] = wins[0] if wins else None
     meta["speedup_over_dense"] = summary
     meta["crossover_T_fwd"] = cross
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The docs table: ms forward / forward+backward per method and T, selection time, speed-up over dense."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    impls = {m: list(dict.fromkeys(r["impl"] for r in rows if r["method"] == m)) for m in methods}
+    cols = [(m, i) for m in methods for i in impls[m]]
+    head = ["T", "dense cuDNN fwd / fwd+bwd (Hkv 4; 1)"] + [f"{m} ({i})" for m, i in cols]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for T in sorted({r["T"] for r in rows}):
+        at = [r for r in rows if r["T"] == T]
+        dense = sorted((r for r in at if r["method"] == "dense" and "fwd_ms" in r), key=lambda r: -r["Hkv"])
+        cells = [str(T), "; ".join(f'{r["fwd_ms"]:.2f} / {r["fwd_bwd_ms"]:.1f}' for r in dense) or "-"]
+        for m, i in cols:
+            r = next((r for r in at if r["method"] == m and r["impl"] == i), None)
+            if r is None:
+                cells.append("not run")
+            elif "fwd_ms" not in r:
+                cells.append("error: " + r.get("error", "?").split(":")[0])
+            else:
+                sel = f'sel {r["select_ms"]:.1f}; ' if r.get("select_ms") is not None else ""
+                sp = (f'{r["speedup_fwd"]:.2f}x / {r["speedup_fwd_bwd"]:.2f}x' if "speedup_fwd" in r else "no dense row")
+                cells.append(f'{r["fwd_ms"]:.1f} / {r["fwd_bwd_ms"]:.1f} ({sel}{sp})')
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def report(path: str) -> int:
+    with open(path) as fh:
+        data = json.load(fh)
+    summarise(data["rows"], data["meta"])
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+    plot(data["rows"], path.rsplit(".", 1)[0] + ".png", data["meta"])
+    print(table(data["rows"]))
+    print("crossover (forward):", json.dumps(data["meta"]["crossover_T_fwd"]))
+    return 0
 
 
 def plot(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> None:

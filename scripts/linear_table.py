@@ -33,7 +33,9 @@ def render(data: dict[str, Any]) -> str:
     has_compile = any(r["impl"] == "chunk-compile" for r in rows)
     head = "| method | T | PyTorch chunked fwd / fwd+bwd (ms) |"
     head += " chunked + torch.compile (ms) |" if has_compile else ""
-    head += " fla fwd / fwd+bwd (ms) | chunked / fla | cuDNN dense causal (ms) | fla vs chunk max rel. err |"
+    head += " fla fwd / fwd+bwd (ms) | chunked / fla |"
+    head += " compiled / fla |" if has_compile else ""
+    head += " cuDNN dense causal (ms) | fla vs chunk max rel. err |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in methods:
         for T in Ts:
@@ -47,7 +49,12 @@ def render(data: dict[str, Any]) -> str:
             if has_compile:
                 cc = find(m, "chunk-compile", T)
                 cells.append(_pair(cc) if cc else "-")
-            cells += [_pair(fl), ratio, _pair(de), f"{err:.1e}" if err is not None else "-"]
+            cells += [_pair(fl), ratio]
+            if has_compile:
+                cc = find(m, "chunk-compile", T)
+                cr = [x for x in (_ratio(cc, fl, "fwd_ms"), _ratio(cc, fl, "fwd_bwd_ms")) if x is not None]
+                cells.append(" / ".join(f"{x:.1f}x" for x in cr) or "-")
+            cells += [_pair(de), f"{err:.1e}" if err is not None else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

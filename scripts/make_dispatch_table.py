@@ -3,7 +3,8 @@
 `attnkit bench --gpu --backends all` (schema rows with `backend`, `time_ms`; the `random` workload).
 
 For each method with more than one measured GPU backend, the fastest forward (selection included)
-at each measured T decides the order; a measured T covers the lengths from the geometric midpoint
+at each measured T decides the order (`order`), and the fastest forward+backward, where measured,
+the order for calls autograd records (`order_train`); a measured T covers the lengths from the geometric midpoint
 with the previous measured T to the midpoint with the next one.
 
     python scripts/make_dispatch_table.py results/sparse_targets_h100.json
@@ -25,11 +26,14 @@ def build(path: str) -> dict:
     data = json.loads(Path(path).read_text())
     rows = data["rows"]
     times: dict = defaultdict(lambda: defaultdict(dict))  # method -> T -> backend -> fwd ms
+    train: dict = defaultdict(lambda: defaultdict(dict))  # method -> T -> backend -> fwd+bwd ms
     if "meta" in data:  # benchmarks/sparse_targets_bench.py
         meta = data["meta"]
         for r in rows:
             if r.get("impl", "").startswith("attnkit-") and "fwd_ms" in r:
                 times[r["method"]][r["T"]][r["impl"][len("attnkit-"):]] = r["fwd_ms"]
+                if "fwd_bwd_ms" in r:
+                    train[r["method"]][r["T"]][r["impl"][len("attnkit-"):]] = r["fwd_bwd_ms"]
     else:  # attnkit bench (schema v1/v2)
         meta = {"device": data["device"]["name"], "torch": data["versions"].get("torch"),
                 "triton": data["versions"].get("triton"), "shape": data.get("config")}
@@ -45,7 +49,12 @@ def build(path: str) -> dict:
             hi = 2**31 - 1 if i == len(ts) - 1 else int(math.sqrt(t * ts[i + 1]))
             order = sorted(per_t[t], key=per_t[t].get)
             evidence = ", ".join(f"{b} {per_t[t][b]:.2f} ms" for b in order) + f" at T={t}"
-            entries.append({"method": method, "min_t": lo, "max_t": hi, "order": order, "evidence": evidence})
+            entry = {"method": method, "min_t": lo, "max_t": hi, "order": order, "evidence": evidence}
+            fb = train[method].get(t, {})
+            if set(fb) == set(per_t[t]):
+                entry["order_train"] = sorted(fb, key=fb.get)
+                entry["evidence_train"] = ", ".join(f"{b} {fb[b]:.2f} ms" for b in entry["order_train"]) + f" at T={t}"
+            entries.append(entry)
     device = meta["device"]
     return {"device": device, "device_match": "H100" if "H100" in device else device,
             "source": path, "torch": meta.get("torch"), "triton": meta.get("triton"),

@@ -33,6 +33,21 @@ def test_measured_order_by_device_method_and_length(monkeypatch):
     assert dispatch.measured_order("m", _call(4096)) is None  # a device the table does not name
 
 
+def test_differentiated_calls_follow_the_forward_backward_ranking(monkeypatch):
+    table = {**TABLE, "entries": [{**TABLE["entries"][0], "order_train": ["triton", "flex"], "evidence_train": "t1"}]}
+    monkeypatch.setattr(measured, "TABLE", table)
+    monkeypatch.setattr(dispatch, "_device_name", lambda index: "Fake GPU 80GB")
+    x = torch.zeros(1)
+    call = SimpleNamespace(device=torch.device("cuda", 0), tk=4096, q=torch.zeros(1, requires_grad=True), k=x, v=x)
+    order, why = dispatch.measured_order("m", call)
+    assert order == ["triton", "flex"] and "forward+backward" in why and "t1" in why
+    with torch.no_grad():  # inference: the forward ranking
+        order, why = dispatch.measured_order("m", call)
+    assert order == ["flex", "triton"] and "fastest forward in" in why
+    call.q = torch.zeros(1)  # nothing requires grad
+    assert dispatch.measured_order("m", call)[0] == ["flex", "triton"]
+
+
 def test_choose_backend_follows_the_measurement(monkeypatch):
     run = lambda call, opts: None  # noqa: E731
     spec = MethodSpec("m", "sparse", "-", "-", NoOptions, Capabilities(),
@@ -53,3 +68,4 @@ def test_committed_table_names_real_backends():
     for e in measured.TABLE["entries"]:
         names = {b.name for b in get_method(e["method"]).backends}
         assert set(e["order"]) <= names and e["min_t"] <= e["max_t"] and e["evidence"]
+        assert set(e.get("order_train", e["order"])) == set(e["order"])
