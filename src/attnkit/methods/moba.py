@@ -12,6 +12,7 @@ Selection: `KVSelection(indices [B, Hq, Tq, min(topk, Nk)], q_block=1, k_block=b
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -23,6 +24,22 @@ from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import MethodOptions
 from ._routing import (block_mean, bmm_f32, check_int, compact_rows, compute_dtype, half_gemm, register_selection,
                        seq_view, split_half)
+
+
+GATE_KERNEL_DEVICES = ("cuda",)  # where the fused gate + top-k kernel runs (tests add "cpu" under the interpreter)
+GATE_KERNEL_ENV = "ATTNKIT_MOBA_GATE_KERNEL"  # "0": the PyTorch tiles everywhere
+
+
+def _gate_kernel(device: torch.device, dtype: torch.dtype, topk: int) -> Any:
+    """The fused gate + top-k kernel module when it can serve this call, else None (PyTorch tiles)."""
+    from .. import kernels
+
+    if device.type not in GATE_KERNEL_DEVICES or dtype == torch.float64 or os.environ.get(GATE_KERNEL_ENV) == "0":
+        return None
+    if kernels.device_ok(device.type) is not None:
+        return None
+    mod = kernels.load_module("gate_topk")
+    return mod if topk <= mod.MAX_TOPK else None
 
 
 @dataclass(frozen=True)
@@ -54,8 +71,13 @@ def policy(call: AttentionCall, opts: MobaOptions) -> KVSelection:
         split = call.dtype == torch.bfloat16 and half_gemm(q_pos.device, call.dtype)
         terms = 3 if split else 1
         gate_keys = (torch.cat(split_half(means, call.dtype), dim=2) if split else means)  # [N, Hkv, terms*D, nk]
-        gate_keys = gate_keys.reshape(N * Hkv, terms * D, nk)
         qg = view.q if split else view.q.to(cd)
+        kernel = _gate_kernel(q_pos.device, call.dtype, min(opts.topk, nk))
+        if kernel is not None:  # fused: scores stay on chip, one pass per row tile
+            gate_keys = gate_keys.view(N, Hkv, terms, D, nk).to(qg.dtype)
+            idx = kernel.gate_topk(qg, gate_keys, view.k_len, view.offset, view.causal, bs, opts.topk)
+            return KVSelection(compact_rows(idx, opts.topk), q_block=1, k_block=bs)
+        gate_keys = gate_keys.reshape(N * Hkv, terms * D, nk)
         qg = qg.view(N, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [N, Hkv, G, Tq, D]
 
         def score(rows: slice, cols: slice) -> torch.Tensor:  # [N, Hq, R, C]
