@@ -27,6 +27,7 @@ def small_tiles(kernel_device, monkeypatch):
 
 
 def _select(q, k, kernel: bool, monkeypatch, **kw):
+    monkeypatch.setenv(moba.GATE_KERNEL_ENV, "1")
     monkeypatch.setattr(moba, "GATE_KERNEL_DEVICES", ("cuda", "cpu") if kernel else ())
     taken = []
     real = moba._gate_kernel
@@ -86,8 +87,11 @@ def test_kernel_orders_by_gate_and_breaks_ties_by_index(kernel_device):
     assert idx.flatten().tolist() == [5, 4, 1, 2]  # gates 3.0, 2.0, then the tie 0.5 / 0.5 -> block 2
 
 
-def test_kernel_falls_back_past_max_topk_and_when_disabled(kernel_device, monkeypatch):
+def test_kernel_is_opt_in_and_falls_back_past_max_topk(kernel_device, monkeypatch):
     monkeypatch.setattr(moba, "GATE_KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.delenv(moba.GATE_KERNEL_ENV, raising=False)
+    assert moba._gate_kernel(torch.device(kernel_device), torch.float32, 4) is None  # off by default
+    monkeypatch.setenv(moba.GATE_KERNEL_ENV, "1")
     from attnkit import kernels
 
     mod = kernels.load_module("gate_topk")

@@ -16,6 +16,9 @@ key is a `max`, distinct keys make removal exact, and equal scores resolve to th
 `K` rounds of (max, place, remove) per column tile cost O(K) integer ops per score, on chip.
 The bf16 path takes the block means as three bf16 terms (`methods._routing.split_half`): each dot
 multiplies exactly into float32, so the scores are the float32 gate up to summation order.
+
+Opt-in (`ATTNKIT_MOBA_GATE_KERNEL=1`, see `methods.moba`) until it has run on a GPU: it was built
+and tested in Triton's CPU interpreter only.
 """
 
 from __future__ import annotations

@@ -26,15 +26,20 @@ from ._routing import (block_mean, bmm_f32, check_int, compact_rows, compute_dty
                        seq_view, split_half)
 
 
-GATE_KERNEL_DEVICES = ("cuda",)  # where the fused gate + top-k kernel runs (tests add "cpu" under the interpreter)
-GATE_KERNEL_ENV = "ATTNKIT_MOBA_GATE_KERNEL"  # "0": the PyTorch tiles everywhere
+GATE_KERNEL_DEVICES = ("cuda",)  # where the fused gate + top-k kernel may run (tests add "cpu" under the interpreter)
+# Opt-in until it has run on a GPU: the kernel passes its tests in Triton's CPU interpreter, but no
+# GPU was available to compile, check and time it (tests/kernels/test_gate_topk.py has the GPU test).
+GATE_KERNEL_ENV = "ATTNKIT_MOBA_GATE_KERNEL"  # "1": the fused kernel where it can serve; else the PyTorch tiles
 
 
 def _gate_kernel(device: torch.device, dtype: torch.dtype, topk: int) -> Any:
-    """The fused gate + top-k kernel module when it can serve this call, else None (PyTorch tiles)."""
+    """The fused gate + top-k kernel module when it is turned on and can serve this call, else None
+    (PyTorch tiles)."""
     from .. import kernels
 
-    if device.type not in GATE_KERNEL_DEVICES or dtype == torch.float64 or os.environ.get(GATE_KERNEL_ENV) == "0":
+    if os.environ.get(GATE_KERNEL_ENV, "0") != "1":
+        return None
+    if device.type not in GATE_KERNEL_DEVICES or dtype == torch.float64:
         return None
     if kernels.device_ok(device.type) is not None:
         return None
