@@ -13,7 +13,10 @@ import importlib.util
 import os
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 _STATE: dict[str, object] = {}
 
@@ -47,6 +50,14 @@ def load_module(name: str) -> ModuleType:
             mod = importlib.import_module(f".{name}", __name__)
         _STATE[name] = mod
     return mod  # type: ignore[return-value]
+
+
+def module_for(name: str, device: "torch.device", devices: tuple[str, ...]) -> Optional[ModuleType]:
+    """Kernel module `name` when its kernels can run on `device` and the caller allows that device
+    type (`devices`: "cuda", plus "cpu" where tests run the interpreter twin), else None."""
+    if device.type not in devices or device_ok(device.type) is not None:
+        return None
+    return load_module(name)
 
 
 def interpreted() -> bool:

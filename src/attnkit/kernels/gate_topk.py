@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreted, launch_env
-from .sparse_triton import _max_combine  # core builtins only in kernels (see sparse_triton.py)
+from . import launch_env
+from .sparse import _dot_precision
+from .sparse_triton import _max_combine, _mm  # core builtins only in kernels (see sparse_triton.py)
 
 # below every packed (score, index) key: a float32 score's key is >= -2**31 + 2**23 (finite)
 EMPTY = tl.constexpr(-9_200_000_000_000_000_000)
@@ -43,7 +44,7 @@ def _gate_topk_kernel(Q, GK, KLEN, OUT, Tq, nk, offset, group, block_size, width
                       stride_qn, stride_qt, stride_qh, stride_gn, stride_gh, stride_gt, stride_gd,
                       stride_on, stride_oh, stride_ot,
                       TERMS: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m, h, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n64 = n.to(tl.int64)
     hk = h // group
@@ -55,8 +56,6 @@ def _gate_topk_kernel(Q, GK, KLEN, OUT, Tq, nk, offset, group, block_size, width
     d_in = d < D
     q = tl.load(Q + n64 * stride_qn + r.to(tl.int64)[:, None] * stride_qt + h * stride_qh + d[None, :],
                 mask=r_in[:, None] & d_in[None, :], other=0.0)
-    if UPCAST:  # the CPU interpreter's dot is only exact on float32 operands
-        q = q.to(tl.float32)
     klen = tl.load(KLEN + n)
     stop = nk
     if CAUSAL:  # no row of the tile sees a block starting after its last row's position
@@ -71,12 +70,7 @@ def _gate_topk_kernel(Q, GK, KLEN, OUT, Tq, nk, offset, group, block_size, width
         s = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for t in tl.static_range(TERMS):
             g = tl.load(g_base + t * stride_gt + c[None, :], mask=d_in[:, None] & c_in[None, :], other=0.0)
-            if UPCAST:
-                g = g.to(tl.float32)
-            if IEEE:
-                s += tl.dot(q, g, input_precision="ieee")
-            else:
-                s += tl.dot(q, g)
+            s += _mm(q, g, DOT_PREC)
         first = c * block_size
         cand = (c_in & (first < klen))[None, :] & r_in[:, None]
         if CAUSAL:
@@ -127,6 +121,6 @@ def gate_topk(q: torch.Tensor, gate_keys: torch.Tensor, k_len: torch.Tensor, off
             q.stride(0), q.stride(1), q.stride(2), gate_keys.stride(0), gate_keys.stride(1), gate_keys.stride(2),
             gate_keys.stride(3), out.stride(0), out.stride(1), out.stride(2),
             TERMS=terms, K=max(2, triton.next_power_of_2(width)), BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-            CAUSAL=causal, IEEE=q.dtype == torch.float32, UPCAST=interpreted(), num_warps=8, num_stages=2,
+            CAUSAL=causal, DOT_PREC=_dot_precision(q.dtype), num_warps=8, num_stages=2,
         )
     return out

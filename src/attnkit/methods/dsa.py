@@ -60,11 +60,9 @@ def _indexer_kernel(device: torch.device, index_dim: int, dtype: torch.dtype) ->
     """The fused indexer-score kernel module when it can serve this device, else None (PyTorch tiles)."""
     from .. import kernels
 
-    if device.type not in INDEXER_KERNEL_DEVICES or index_dim > MAX_KERNEL_INDEX_DIM or dtype == torch.float64:
+    if index_dim > MAX_KERNEL_INDEX_DIM or dtype == torch.float64:
         return None
-    if kernels.device_ok(device.type) is not None:
-        return None
-    return kernels.load_module("indexer")
+    return kernels.module_for("indexer", device, INDEXER_KERNEL_DEVICES)
 
 
 class _Indexer:

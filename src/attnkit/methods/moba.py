@@ -37,14 +37,10 @@ def _gate_kernel(device: torch.device, dtype: torch.dtype, topk: int) -> Any:
     (PyTorch tiles)."""
     from .. import kernels
 
-    if os.environ.get(GATE_KERNEL_ENV, "0") != "1":
+    if os.environ.get(GATE_KERNEL_ENV, "0") != "1" or dtype == torch.float64:
         return None
-    if device.type not in GATE_KERNEL_DEVICES or dtype == torch.float64:
-        return None
-    if kernels.device_ok(device.type) is not None:
-        return None
-    mod = kernels.load_module("gate_topk")
-    return mod if topk <= mod.MAX_TOPK else None
+    mod = kernels.module_for("gate_topk", device, GATE_KERNEL_DEVICES)
+    return mod if mod is not None and topk <= mod.MAX_TOPK else None
 
 
 @dataclass(frozen=True)
