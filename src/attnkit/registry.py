@@ -1,24 +1,32 @@
-"""Method specs: what each mechanism is, what it supports, and which backends can run it.
+"""Method specs: what each mechanism is, what it selects, and which backends can run it.
 
-In the spirit of xformers' operator metadata: support is declared as data, and dispatch can say,
-backend by backend, why one was chosen and the others were not (`attnkit.explain`).
+A mechanism is data: its options, its capabilities, its selection (`select(call, opts) ->
+KVSelection`, one signature for every method) or its static pattern (`mask(opts) -> Mask`), the
+maker of its learned inputs (gates, indexer projections) and its backends in preference order. The
+benchmark, the KV readers, the layers and the tests read the spec; nothing finds a selection by
+module name. Backends and the choice between them live in `ops.dispatch` (one dispatcher).
 
-A method registers a `MethodSpec` with `register(spec)`. Its backends are listed in preference
-order (fastest first, as measured by the benchmark); `backend="auto"` takes the first one whose
-checks all pass.
+Registration: `register_selection(name, options, select)` (or `mask=` for a static pattern) for
+every mechanism that is a selection run by the shared executors, a user's included;
+`register(spec)` for a spec written out in full (dense attention, the linear family).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
-from .core.contract import SUPPORTED_DTYPES, AttentionCall, AttnkitError, BackendError, OptionError
+from .core.contract import AttentionCall, AttnkitError, BackendError, OptionError
+from .core.masks import Mask
+from .core.selection import KVSelection
+from .ops.dispatch import Backend, Check, Explanation, Runner, choose
+from .ops.executors import mask_backends, selection_backends
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+SelectFn = Callable[[AttentionCall, Any], KVSelection]
+MaskFn = Callable[[Any], Mask]
 
 
 class MethodOptions:
@@ -72,45 +80,6 @@ class Capabilities:
     lse: bool = True
 
 
-Runner = Callable[[AttentionCall, Any], Any]
-Check = Callable[[AttentionCall, Any], Optional[str]]
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One way to run a method. `supports` returns None, or the reason it cannot serve a call."""
-
-    name: str
-    run: Runner
-    devices: tuple[str, ...] = ("cpu", "cuda")
-    dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
-    lse: bool = True
-    varlen: bool = True
-    backward: bool = True
-    available: Optional[Callable[[], Optional[str]]] = None
-    supports: Optional[Check] = None
-
-    def why_not(self, call: AttentionCall, opts: Any) -> Optional[str]:
-        if self.available is not None:
-            reason = self.available()
-            if reason:
-                return reason
-        if call.device.type not in self.devices:
-            return f"runs on {'/'.join(self.devices)}, inputs are on {call.device.type}"
-        if call.dtype not in self.dtypes:
-            have = ", ".join(_DTYPE_NAMES[d] for d in self.dtypes)
-            return f"dtype {_DTYPE_NAMES.get(call.dtype, call.dtype)} not supported (supports {have})"
-        if call.return_lse and not self.lse:
-            return "cannot return the LSE (return_lse=True)"
-        if call.varlen and not self.varlen:
-            return "no varlen (cu_seqlens) support"
-        if call.requires_grad and torch.is_grad_enabled() and not self.backward:
-            return "forward only, and inputs require grad"
-        if self.supports is not None:
-            return self.supports(call, opts)
-        return None
-
-
 @dataclass(frozen=True)
 class MethodSpec:
     """A mechanism: its paper, options, capabilities and backends (preference order)."""
@@ -127,6 +96,14 @@ class MethodSpec:
     # valid options for given inputs, used by the benchmark, the CLI smoke run and the tests that
     # exercise every method (tensor-valued options such as gates are made here)
     example: Callable[[AttentionCall], dict[str, Any]] = lambda call: {}
+    # the selection of a validated call (no gradients), one signature for every method; None when the
+    # method's visibility is not a selection (dense, static patterns, the linear family)
+    select: Optional[SelectFn] = None
+    # a static pattern's mask predicate from the parsed options
+    mask: Optional[MaskFn] = None
+    # the nn.Module class that makes per-token tensor options from activations (NSA's gates, DSA's
+    # indexer inputs); see `layers.method_inputs` for its interface
+    inputs: Optional[type] = None
 
     def backend(self, name: str) -> Backend:
         for b in self.backends:
@@ -141,12 +118,82 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
+    """Add a fully written spec to the registry (names are unique)."""
+    if not isinstance(spec.name, str) or not spec.name.isidentifier():
+        raise OptionError(f"name: expected a Python identifier, got {spec.name!r}")
     if spec.name in _REGISTRY:
-        raise ValueError(f"method {spec.name!r} is already registered")
-    if not dataclasses.is_dataclass(spec.options) or not issubclass(spec.options, MethodOptions):
-        raise TypeError(f"{spec.name}: options must be a MethodOptions dataclass")
+        raise OptionError(f"name: method {spec.name!r} is already registered")
+    if not (isinstance(spec.options, type) and dataclasses.is_dataclass(spec.options)
+            and issubclass(spec.options, MethodOptions)):
+        raise TypeError(f"options: {spec.name}: options must be a MethodOptions dataclass, got {spec.options!r}")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def unregister(name: str) -> MethodSpec:
+    """Remove a registered method (a user's experiment, a test's temporary method); returns its spec."""
+    return _REGISTRY.pop(get_method(name).name)
+
+
+def register_selection(
+    name: str,
+    options: type,
+    select: Optional[SelectFn] = None,
+    *,
+    mask: Optional[MaskFn] = None,
+    family: Optional[str] = None,
+    paper: str = "",
+    summary: str = "",
+    example: Optional[Callable[[AttentionCall], dict[str, Any]]] = None,
+    capabilities: Capabilities = Capabilities(),
+    tier: int = 1,
+    flex_block: Optional[Callable[[Any], Optional[int]]] = None,
+    inputs: Optional[type] = None,
+    backends: Optional[tuple[Backend, ...]] = None,
+    docs: Optional[str] = None,
+) -> MethodSpec:
+    """Register a mechanism whose visibility is a selection (or a static mask) run by the shared executors.
+
+    - `options`: a `MethodOptions` dataclass; its `__post_init__` range-checks the fields.
+    - `select(call, opts) -> KVSelection`: the keys each query may see, for a validated
+      `AttentionCall` (`call.q: [B, Tq, Hq, D]`, `call.k: [B, Tk, Hkv, D]`, `call.causal`,
+      `call.cu_seqlens`) and the parsed options; runs without gradients. Backends: `triton` (CUDA),
+      `flex` (block-level selections whose `flex_block(opts)` is a multiple of 128), `reference`.
+    - `mask=mask(opts) -> core.masks.Mask` instead of `select`: a static pattern (family "static"),
+      run by FlexAttention on CUDA and the reference everywhere.
+    - `example(call) -> options`: valid options for given inputs (the benchmark's defaults, the
+      shared tests); `{}` when every option has a default.
+    - `backends`: a method that runs its selection inside a larger computation (NSA's gated
+      branches) passes its own; `select` is still what the benchmark and the KV readers use.
+
+    The method then runs through `attnkit.attention`, `attnkit.explain`, `attnkit bench` and the
+    decode reader `kv.Routed(method=name)`."""
+    if (select is None) == (mask is None):
+        raise OptionError(f"select: method {name!r} needs exactly one of select=(call, opts) -> KVSelection "
+                          "or mask=(opts) -> Mask")
+    if select is not None and not callable(select):
+        raise OptionError(f"select: expected a callable (call, opts) -> KVSelection, got {type(select).__name__}")
+    if mask is not None and not callable(mask):
+        raise OptionError(f"mask: expected a callable (opts) -> Mask, got {type(mask).__name__}")
+    if backends is None:
+        backends = selection_backends(select, flex_block) if select is not None else mask_backends(mask)
+    return register(
+        MethodSpec(
+            name=name,
+            family=family or ("static" if mask is not None else "sparse"),
+            paper=paper,
+            summary=summary,
+            options=options,
+            capabilities=capabilities,
+            backends=backends,
+            docs=f"docs/methods/{name}.md" if docs is None else docs,
+            tier=tier,
+            example=example or (lambda call: {}),
+            select=select,
+            mask=mask,
+            inputs=inputs,
+        )
+    )
 
 
 def get_method(name: object) -> MethodSpec:
@@ -157,6 +204,13 @@ def get_method(name: object) -> MethodSpec:
 
 def methods() -> list[MethodSpec]:
     return list(_REGISTRY.values())
+
+
+def choose_backend(spec: MethodSpec, call: AttentionCall, opts: Any, requested: str = "auto") -> Explanation:
+    """Pick the backend for a call (`ops.dispatch.choose`); the Explanation lists every candidate's verdict."""
+    if requested != "auto":
+        spec.backend(requested)  # raises for unknown names
+    return choose(spec.name, spec.backends, call, opts, requested)
 
 
 def check_capabilities(spec: MethodSpec, call: AttentionCall) -> None:
@@ -174,58 +228,6 @@ def check_capabilities(spec: MethodSpec, call: AttentionCall) -> None:
         raise AttnkitError(f"return_lse: method {spec.name!r} has no softmax LSE to return")
     if call.tq != call.tk and not caps.decode:
         raise AttnkitError(f"q: method {spec.name!r} needs Tq == Tk, got Tq={call.tq}, Tk={call.tk}")
-
-
-@dataclass
-class Explanation:
-    """Why each backend was or was not chosen for one call."""
-
-    method: str
-    requested: str
-    chosen: Optional[str]
-    rows: list[tuple[str, bool, str]] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"method {self.method!r}, backend={self.requested!r}: chosen {self.chosen!r}"]
-        for name, ok, reason in self.rows:
-            mark = "->" if name == self.chosen else ("ok" if ok else "no")
-            lines.append(f"  {mark} {name:<10} {reason}")
-        return "\n".join(lines)
-
-    __repr__ = __str__
-
-
-def choose_backend(spec: MethodSpec, call: AttentionCall, opts: Any, requested: str = "auto") -> Explanation:
-    """Pick the backend for a call; the returned Explanation lists every candidate's verdict."""
-    if requested != "auto":
-        spec.backend(requested)  # raises for unknown names
-    exp = Explanation(spec.name, requested, None)
-    backends, measured_why = list(spec.backends), None
-    if requested == "auto" and len(backends) > 2:  # several executors: the GPU measurement may reorder them
-        from .ops.dispatch import measured_order
-
-        measured = measured_order(spec.name, call)
-        if measured is not None:
-            rank = {name: i for i, name in enumerate(measured[0])}
-            backends.sort(key=lambda b: rank.get(b.name, len(rank)))  # stable: unmeasured ones keep their order
-            measured_why = measured[1]
-    for b in backends:
-        reason = b.why_not(call, opts)
-        ok = reason is None
-        if ok and exp.chosen is None and requested in ("auto", b.name):
-            exp.chosen = b.name
-            if requested != "auto":
-                text = "chosen: requested"
-            elif measured_why is not None and b.name in measured[0]:
-                text = "chosen: " + measured_why
-            else:
-                text = "chosen: first supported backend in preference order"
-        elif ok:
-            text = "supported, not chosen" + (" (another backend was requested)" if requested != "auto" else " (lower preference)")
-        else:
-            text = reason
-        exp.rows.append((b.name, ok, text))
-    return exp
 
 
 def list_methods() -> list[dict[str, Any]]:

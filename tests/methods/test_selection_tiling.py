@@ -39,7 +39,7 @@ def _policies() -> dict[str, Callable[[], ak.KVSelection]]:
     ind["w"] = ind["w"].abs()
     return {
         "moba": lambda: M.moba.policy(call, M.moba.MobaOptions(16, 4)),
-        "nsa": lambda: M.nsa.policy(call, 16, 4),
+        "nsa": lambda: M.nsa.policy(call, M.nsa.NsaOptions(16, 4)),
         "block_topk": lambda: M.block_topk.policy(call, M.block_topk.BlockTopkOptions(32, 4)),
         "dsa": lambda: M.dsa.policy(call, M.dsa.DsaOptions(64, **ind)),
     }

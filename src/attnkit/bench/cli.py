@@ -4,6 +4,7 @@
     attnkit bench --gpu                        # CUDA, T from 1K to 128K, bf16, with SDPA/Flex baselines
     attnkit bench --methods dense,moba --seqlens 1K,4K --dtype bf16 --out results/mine
     attnkit bench --set sliding_window.window=4096 ...   # override an option of a method
+    attnkit bench --import mypackage.attention --methods mine  # a method registered by your own module
 
 Bad arguments exit with status 2 and a one-line message. See docs/benchmark.md.
 """
@@ -63,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA: T=1K..128K, bf16, B=1 Hq=16 Hkv=4 D=128, SDPA/cuDNN/flash/Flex baselines, every backend")
     s = p.add_argument_group("selection")
     s.add_argument("--methods", help="comma-separated registered method names, or 'all' (default)")
+    s.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help="import MODULE first (repeatable): it registers methods with attnkit.register_selection")
     s.add_argument("--seqlens", help="comma-separated sequence lengths, e.g. 1K,4K,16384")
     s.add_argument("--dtype", help="comma-separated dtypes: fp16, bf16, fp32, fp64")
     s.add_argument("--workloads", help="comma-separated: random, structured, real (default: all three)")
@@ -192,7 +195,7 @@ def _command(args: argparse.Namespace) -> str:
     for key, val in vars(args).items():
         if key in ("func", "command") or val is None or val is False:
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = "--import" if key == "imports" else "--" + key.replace("_", "-")
         if val is True:
             parts.append(flag)
         elif isinstance(val, list):
@@ -275,6 +278,11 @@ def run(args: argparse.Namespace) -> int:
     for w in register_all():
         print(f"attnkit bench: warning: {w}", file=sys.stderr)
     try:
+        for mod in getattr(args, "imports", None) or ():
+            try:
+                importlib.import_module(mod)
+            except Exception as e:
+                raise UsageError(f"--import: cannot import {mod!r} ({type(e).__name__}: {e})") from None
         config = build_config(args)
         out = _out_dir(args, config)
         out.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,9 @@
   its exact softmax probability that falls on keys in `V`, `sum_{j in V} p_ij / sum_j p_ij`;
   `recall` is the mean over rows (batch, head, query), `recall_min` the worst row. Computed here in
   one pass over query chunks with full key rows, for selections and mask predicates alike (about
-  twice as fast as `attnkit.methods.inspect`'s two tiled executor runs, which covers selections
+  twice as fast as `attnkit.methods.selection_stats`'s two tiled executor runs, which covers selections
   only); the tests check it against that module and the naive oracle. A full selection gives
-  exactly 1.0 (the two sums are then the same sum). A full selection then gives exactly 1.0 (the two sums are the same sum).
+  exactly 1.0 (the two sums are then the same sum).
 - `density`: visible pairs / causally visible pairs, over batch and heads (1.0 for dense).
 - `needle_hits`: share of planted (query, needle) pairs, over batch and heads, that are visible.
 - FLOPs, mask-aware: `2 * (D + Dv)` per visible (query, key) pair (the QK^T and PV products),
@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -28,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from ..core.reference import blockwise_attention
+from ..methods import selection_stats as selection_stats_module
 from .visibility import Visibility
 
 TILE_ELEMS = 1 << 23  # scores per chunk of the metric loops on CPU
@@ -103,13 +103,6 @@ class SelectionStats:
     computed_by: str = "attnkit.bench.metrics"
 
 
-def _inspect_module() -> Optional[Any]:
-    try:
-        return importlib.import_module("attnkit.methods.inspect")
-    except ImportError:
-        return None
-
-
 def _needle_hits(vis: Visibility, q: torch.Tensor, needles: Optional[torch.Tensor]) -> Optional[float]:
     if needles is None or not needles.numel():
         return None
@@ -118,17 +111,17 @@ def _needle_hits(vis: Visibility, q: torch.Tensor, needles: Optional[torch.Tenso
 
 def inspect_selection_stats(vis: Visibility, q: torch.Tensor, k: torch.Tensor, scale: float,
                             needles: Optional[torch.Tensor] = None) -> Optional[SelectionStats]:
-    """The same statistics for a `KVSelection` through `attnkit.methods.inspect` (None if that module
-    is missing): a cross-check of `own_selection_stats`, used by the tests."""
-    module = _inspect_module()
-    if module is None or vis.selection is None or vis.mask is not None:
+    """The same statistics for a `KVSelection` through `attnkit.methods.selection_stats` (None for
+    masks): a cross-check of `own_selection_stats`, used by the tests."""
+    module = selection_stats_module
+    if vis.selection is None or vis.mask is not None:
         return None
     cd = reference_dtype(q.device)
     r = module.recall(q.to(cd), k.to(cd), vis.selection, causal=vis.causal, scale=scale, reduce=False)
     dens = module.density(vis.selection, vis.tq, vis.tk, causal=vis.causal)
     reachable = visible_pairs_causal(vis.batch, vis.hq, vis.tq, vis.tk, vis.causal)
     return SelectionStats(r.mean().item(), r.min().item(), dens, round(dens * reachable),
-                          _needle_hits(vis, q, needles), "attnkit.methods.inspect")
+                          _needle_hits(vis, q, needles), "attnkit.methods.selection_stats")
 
 
 def selection_stats(vis: Visibility, q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None,

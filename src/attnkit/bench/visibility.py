@@ -1,14 +1,11 @@
-"""Which (query, key) pairs a method lets each query see, found generically from the method module.
+"""Which (query, key) pairs a method lets each query see, read from its registry spec.
 
 For the attention-mass recall and density of a sparse method the benchmark needs its visibility,
-evaluated chunk by chunk (never `T x T`). It is looked up in this order:
+evaluated chunk by chunk (never `T x T`):
 
 1. `family == "exact"` (dense, baselines): every causally visible key.
-2. `attnkit.methods.<name>.select(q, k, ...)`: the method's selection policy. Its parameters are
-   filled by name from the inputs (`q`, `k`, `v`), the call (`causal`, `scale`) and the method's
-   options (the same keyword names, DESIGN.md section 6); it may return a `KVSelection`, a mask
-   predicate (`core.masks.Mask`), or a tuple holding one.
-3. `attnkit.methods.<name>.mask(opts)`: a static pattern's predicate, from the parsed options.
+2. `spec.select(call, opts)`: the method's selection (a `KVSelection`).
+3. `spec.mask(opts)`: a static pattern's predicate (`core.masks.Mask`).
 
 Otherwise the method's visibility is unknown and recall, density and mask-aware FLOPs are reported
 as not available, with the reason. The causal rule always applies on top, as the executors do.
@@ -16,10 +13,8 @@ as not available, with the reason. The causal rule always applies on top, as the
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
@@ -77,50 +72,6 @@ class Visibility:
         return out
 
 
-def method_module(name: str) -> Optional[Any]:
-    """`attnkit.methods.<name>` if it exists."""
-    try:
-        return importlib.import_module(f"attnkit.methods.{name}")
-    except ModuleNotFoundError:
-        return None
-
-
-def _call_select(select: Any, call: AttentionCall, options: dict[str, Any]) -> Any:
-    """Call `select` with the arguments its signature names (inputs, call settings, options)."""
-    params = inspect.signature(select).parameters
-    given = {"q": call.q, "k": call.k, "v": call.v, "causal": call.causal, "scale": call.scale}
-    args, kwargs = [], {}
-    takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    for name, p in params.items():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if name in given:
-            value = given[name]
-        elif name in options:
-            value = options[name]
-        elif p.default is p.empty:
-            raise TypeError(f"select() needs {name!r}, which is neither an input nor an option")
-        else:
-            continue
-        if p.kind is p.POSITIONAL_ONLY:
-            args.append(value)
-        else:
-            kwargs[name] = value
-    if takes_var_kw:
-        kwargs.update({k: v for k, v in options.items() if k not in kwargs})
-    return select(*args, **kwargs)
-
-
-def _as_visibility(result: Any) -> Union[KVSelection, Mask, None]:
-    if isinstance(result, (KVSelection, Mask)):
-        return result
-    if isinstance(result, (tuple, list)):
-        for item in result:
-            if isinstance(item, (KVSelection, Mask)):
-                return item
-    return None
-
-
 def resolve(spec: MethodSpec, call: AttentionCall, options: dict[str, Any]) -> tuple[Optional[Visibility], str]:
     """The method's visibility for this call, or None and why it is not available."""
     base = dict(batch=call.batch, hq=call.hq, hkv=call.hkv, tq=call.tq, tk=call.tk, causal=call.causal)
@@ -128,18 +79,17 @@ def resolve(spec: MethodSpec, call: AttentionCall, options: dict[str, Any]) -> t
         return Visibility("exact", **base), "exact: every causally visible key"
     if spec.family == "linear":
         return None, "linear family: a different model, not an approximation of softmax attention"
-    module = method_module(spec.name)
-    if module is not None and callable(getattr(module, "select", None)):
+    if spec.select is not None:
+        source = f"{spec.select.__module__}.select"
         with torch.no_grad():
-            found = _as_visibility(_call_select(module.select, call, options))
-        if isinstance(found, KVSelection):
-            found.validate(call.batch, call.hq, call.hkv, call.tq, call.tk, check_rows=False)
-            return Visibility("select", selection=found, **base), f"attnkit.methods.{spec.name}.select"
+            found = spec.select(call, parse_options(spec, call, options))
+        if not isinstance(found, KVSelection):
+            return None, f"{source} returned {type(found).__name__}, not a KVSelection"
+        found.validate(call.batch, call.hq, call.hkv, call.tq, call.tk, check_rows=False)
+        return Visibility("select", selection=found, **base), source
+    if spec.mask is not None:
+        found = spec.mask(parse_options(spec, call, options))
         if isinstance(found, Mask):
-            return Visibility("select", mask=found, **base), f"attnkit.methods.{spec.name}.select"
-        return None, f"attnkit.methods.{spec.name}.select returned neither a KVSelection nor a Mask"
-    if module is not None and callable(getattr(module, "mask", None)):
-        found = module.mask(parse_options(spec, call, options))
-        if isinstance(found, Mask):
-            return Visibility("mask", mask=found, **base), f"attnkit.methods.{spec.name}.mask"
-    return None, f"attnkit.methods.{spec.name} exposes neither select(q, k, ...) nor mask(opts)"
+            return Visibility("mask", mask=found, **base), f"{spec.mask.__module__}.mask"
+        return None, f"{spec.mask.__module__}.mask returned {type(found).__name__}, not a Mask"
+    return None, f"method {spec.name!r} declares neither select(call, opts) nor mask(opts)"

@@ -15,16 +15,16 @@ own estimator.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
 
-from ..core.contract import AttnkitError, OptionError
+from ..core.contract import AttnkitError, OptionError, validate_attention
 from ..core.selection import KVSelection
 from ..kernels import device_ok
 from ..ops.decode import decode_attention, slot_visibility
+from ..registry import get_method, parse_options
 from .paged import PagedLayerCache
 
 
@@ -236,8 +236,8 @@ class Santa(Reader):
 
 @dataclass
 class Routed(Reader):
-    """Decode with a content-routed method's own selection (`method.select(q, k, **options)` at the
-    decode queries over the cached keys). The cache must hold a contiguous prefix (positions
+    """Decode with a registered method's own selection (its spec's `select(call, opts)` at the decode
+    queries over the cached keys). The cache must hold a contiguous prefix (positions
     `0 .. seen-1`, nothing evicted), so that key blocks mean what the method means by them; the
     selection is mapped from position-ordered keys back to logical slots."""
 
@@ -245,14 +245,14 @@ class Routed(Reader):
     method: str = "moba"
     options: dict = field(default_factory=dict)
 
-    def _module(self) -> Any:
+    def _spec(self) -> Any:
         try:
-            mod = importlib.import_module(f"attnkit.methods.{self.method}")
-        except ImportError as e:
-            raise OptionError(f"method: attnkit.methods.{self.method} is not available ({e})") from None
-        if not hasattr(mod, "select"):
-            raise OptionError(f"method: attnkit.methods.{self.method} has no select(...)")
-        return mod
+            spec = get_method(self.method)
+        except AttnkitError as e:
+            raise OptionError(str(e)) from None
+        if spec.select is None:
+            raise OptionError(f"method: {self.method!r} has no selection (select(call, opts)) to decode with")
+        return spec
 
     def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> KVSelection:
         kept = cache.kept(by_position=True)
@@ -263,7 +263,9 @@ class Routed(Reader):
             raise AttnkitError(f"cache: routed decode ({self.method}) needs every head to hold positions 0..seen-1 "
                                "(no eviction, same length per sequence)")
         k = kept["k"].transpose(1, 2)  # [B, T, Hkv, D], position order
-        sel = self._module().select(q, k, causal=True, **self.options)
+        spec = self._spec()
+        call = validate_attention(q, k, k, causal=True)
+        sel = spec.select(call, parse_options(spec, call, self.options))
         # selection over position-ordered keys (blocks of k_block) -> token-level rows over slots
         B, Tq, Hq, _ = q.shape
         kb = sel.k_block

@@ -1,5 +1,10 @@
 """Per-token tensor inputs that some softmax-family methods need, made by learned projections.
 
+A method declares its maker as `MethodSpec.inputs` (an `nn.Module` class with `query_names`,
+`key_names`, `detach_input`, `query_inputs(xq)`, `key_inputs(xk)` and `aux_loss(...)`, built as
+`cls(q_features, k_features, num_heads, options, **settings)`); this module checks the options a
+layer is given against it and builds it.
+
 Most methods take fixed options (`topk`, `block_size`, ...). Two take tensors computed from the
 model's activations, which a layer must produce itself:
 
@@ -24,81 +29,18 @@ import torch
 import torch.nn as nn
 
 from ..core.contract import AttnkitError, OptionError
-from ..registry import MethodSpec, get_method
+from ..methods import dsa, nsa
+from ..registry import MethodSpec, get_method, methods
 
 
-class NSAGates(nn.Module):
-    detach_input = False
-
-    """NSA's branch gates: `sigmoid(x W + b)` per query head and branch. The sliding branch
-    (`g_swa`) exists when the method has a `window`."""
-
-    query_names = ("g_cmp", "g_slc", "g_swa")
-    key_names: tuple[str, ...] = ()
-
-    def __init__(self, q_features: int, k_features: int, num_heads: int, options: dict[str, Any]) -> None:
-        super().__init__()
-        self.q_features, self.k_features, self.num_heads = q_features, k_features, num_heads
-        self.branches = self.query_names if options.get("window") is not None else self.query_names[:2]
-        self.proj = nn.Linear(q_features, len(self.branches) * num_heads)
-
-    def query_inputs(self, xq: torch.Tensor) -> dict[str, torch.Tensor]:
-        B, T, _ = xq.shape
-        g = torch.sigmoid(self.proj(xq)).view(B, T, len(self.branches), self.num_heads)  # [B, T, n, Hq]
-        return {name: g[:, :, i] for i, name in enumerate(self.branches)}
-
-    def key_inputs(self, xk: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
-
-    def aux_loss(self, q: torch.Tensor, k: torch.Tensor, made: dict[str, torch.Tensor], options: dict[str, Any],
-                 cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None  # the gates train through the attention output
+# the makers live beside their methods (one file per mechanism); their names stay importable here
+NSAGates = nsa.NSAGates
+DSAIndexer = dsa.DSAIndexer
 
 
-class DSAIndexer(nn.Module):
-    """DSA's lightning indexer inputs: `q_idx = x Wq`, `w = x Ww * Hi^-1/2`, `k_idx = x Wk`.
-
-    `heads` (Hi) and `dim` (Di) size the indexer (DeepSeek-V3.2 uses 64 x 128; tiny defaults
-    here). Keys go through a LayerNorm as in the paper. As in the paper the indexer reads a
-    detached input (`detach_input`): it trains only through `aux_loss`."""
-
-    detach_input = True
-
-    query_names = ("q_idx", "w")
-    key_names = ("k_idx",)
-
-    def __init__(self, q_features: int, k_features: int, num_heads: int, options: dict[str, Any],
-                 heads: int = 4, dim: int = 32) -> None:
-        super().__init__()
-        for name, val in (("heads", heads), ("dim", dim)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise OptionError(f"inputs.{name}: expected an int >= 1, got {val!r}")
-        self.q_features, self.k_features = q_features, k_features
-        self.heads, self.dim = heads, dim
-        self.wq = nn.Linear(q_features, heads * dim, bias=False)
-        self.ww = nn.Linear(q_features, heads, bias=False)
-        self.wk = nn.Linear(k_features, dim, bias=False)
-        self.k_norm = nn.LayerNorm(dim)
-
-    def query_inputs(self, xq: torch.Tensor) -> dict[str, torch.Tensor]:
-        B, T, _ = xq.shape
-        return {"q_idx": self.wq(xq).view(B, T, self.heads, self.dim), "w": self.ww(xq) * self.heads ** -0.5}
-
-    def key_inputs(self, xk: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"k_idx": self.k_norm(self.wk(xk))}
-
-    def aux_loss(self, q: torch.Tensor, k: torch.Tensor, made: dict[str, torch.Tensor], options: dict[str, Any],
-                 cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """DeepSeek's indexer loss (KL from the main attention over the selected keys to the
-        indexer's distribution), mean over queries. Top-k selection passes no gradient, so this
-        is what trains the indexer; `q`, `k` are only the (detached) target."""
-        from ..methods.dsa import indexer_loss
-
-        return indexer_loss(q.detach(), k.detach(), made["q_idx"], made["k_idx"], made["w"], topk=options["topk"],
-                            cu_seqlens=cu_seqlens, reduction="mean")
-
-
-MAKERS: dict[str, type] = {"nsa": NSAGates, "dsa": DSAIndexer}
+def makers() -> dict[str, type]:
+    """Method name -> input maker class, for every registered method that has one (`MethodSpec.inputs`)."""
+    return {spec.name: spec.inputs for spec in methods() if spec.inputs is not None}
 
 
 def softmax_spec(method: object) -> MethodSpec:
@@ -126,14 +68,14 @@ def make_inputs(spec: MethodSpec, options: dict[str, Any], q_features: int, k_fe
     unknown = sorted(set(options) - names)
     if unknown:
         raise OptionError(f"{unknown[0]}: not an option of method {spec.name!r} (its options: {', '.join(sorted(names))})")
-    maker_cls = MAKERS.get(spec.name)
+    maker_cls = spec.inputs
     made = set(maker_cls.query_names + maker_cls.key_names) if maker_cls else set()
     for name in sorted(made & set(options)):
         raise OptionError(f"{name}: made by the layer from its input for method {spec.name!r}; do not pass it")
     missing = [n for n in required_fields(spec) if n not in options and n not in made]
     if missing:
         raise OptionError(f"{missing[0]}: required option of method {spec.name!r} is missing"
-                          " (per-token tensor inputs can only be made for: " + ", ".join(sorted(MAKERS)) + ")")
+                          " (per-token tensor inputs can only be made for: " + ", ".join(sorted(makers())) + ")")
     if maker_cls is None:
         if settings:
             raise OptionError(f"inputs: method {spec.name!r} takes no learned inputs, got {sorted(settings)}")

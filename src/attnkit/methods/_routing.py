@@ -5,24 +5,20 @@
   local to each sequence, as `KVSelection` requires under varlen.
 - `block_mean`: mean over the existing keys (or queries) of each block, padding excluded.
 - `compact_rows`: sort selection rows ascending, -1 padding last, and trim the width.
-- `register_selection`: register a method as "selection policy + shared sparse executor".
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 
-from ..core.contract import AttentionCall, OptionError
-from ..core.selection import KVSelection, cdiv
+from ..core.checks import check_int, check_tensor_shape, check_tensor_type  # noqa: F401  (the methods' checks)
+from ..core.contract import AttentionCall
+from ..core.selection import cdiv
 from ..core import topk as _topk
-from ..ops.executors import selection_backends
-from ..registry import Capabilities, MethodSpec, register
-
-SelectFn = Callable[[AttentionCall, Any], KVSelection]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,63 +173,3 @@ def compact_rows(idx: torch.Tensor, max_width: int, rows_per_chunk: Optional[int
 
 def num_blocks(view: SeqView, block: int) -> int:
     return cdiv(view.tk, block)
-
-
-# --- option checks ------------------------------------------------------------------------------
-
-
-def check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{name}: expected an int >= {minimum}, got {value!r}")
-
-
-def check_tensor_type(name: str, value: object, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, torch.Tensor):
-        want = "a torch.Tensor or None" if optional else "a torch.Tensor"
-        raise OptionError(f"{name}: expected {want}, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise OptionError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
-
-
-def check_tensor_shape(name: str, value: torch.Tensor, shape: tuple[int, ...], layout: str, call: AttentionCall) -> None:
-    if tuple(value.shape) != tuple(shape):
-        raise OptionError(f"{name}: expected shape {layout} = {tuple(shape)}, got {tuple(value.shape)}")
-    if value.device != call.device:
-        raise OptionError(f"{name}: expected device {call.device} (same as q), got {value.device}")
-
-
-# --- registration -------------------------------------------------------------------------------
-
-
-def register_selection(
-    *,
-    name: str,
-    family: str,
-    paper: str,
-    summary: str,
-    options: type,
-    select: SelectFn,
-    example: Callable[[AttentionCall], dict[str, Any]],
-    capabilities: Capabilities = Capabilities(),
-    tier: int = 1,
-    flex_block: Optional[Callable[[Any], Optional[int]]] = None,
-) -> MethodSpec:
-    """Register a method whose visibility is `select(call, opts)` run by the shared sparse executors
-    (`ops.executors.selection_backends`: triton on CUDA, flex for block-level selections whose
-    `flex_block(opts)` is a multiple of 128, reference everywhere)."""
-    return register(
-        MethodSpec(
-            name=name,
-            family=family,
-            paper=paper,
-            summary=summary,
-            options=options,
-            capabilities=capabilities,
-            backends=selection_backends(select, flex_block),
-            docs=f"docs/methods/{name}.md",
-            tier=tier,
-            example=example,
-        )
-    )

@@ -17,11 +17,12 @@ from typing import Any, Optional
 
 import torch
 
+from ..core.checks import check_int
 from ..core.contract import AttentionCall, validate_attention
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_sizes
-from ..registry import MethodOptions
-from ._routing import block_mean, check_int, compact_rows, compute_dtype, register_selection, seq_view
+from ..registry import MethodOptions, register_selection
+from ._routing import block_mean, compact_rows, compute_dtype, seq_view
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core import masks
-from ..registry import MethodOptions
-from ._static import check_int, register_static
+from ..core.checks import check_int
+from ..registry import MethodOptions, register_selection
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,11 @@ def mask(opts: DilatedOptions) -> masks.Mask:
     return masks.dilated(opts.dilation, opts.window)
 
 
-SPEC = register_static(
+SPEC = register_selection(
     "dilated",
-    "RAT+ (dilated inference)",
-    "keys at distances divisible by `dilation`, plus a local `window`",
     DilatedOptions,
-    mask,
+    mask=mask,
+    paper="RAT+ (dilated inference)",
+    summary="keys at distances divisible by `dilation`, plus a local `window`",
     example=lambda call: {"dilation": 4, "window": 16},
 )

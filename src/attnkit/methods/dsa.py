@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn as nn
 
+from ..core.checks import check_int, check_tensor_shape, check_tensor_type
 from ..core.contract import AttentionCall, AttnkitError, OptionError, validate_attention
 from ..core.selection import KVSelection
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..ops.sparse import validate_selection
-from ..registry import MethodOptions
-from ._routing import (SeqView, bmm_f32, check_int, check_tensor_shape, check_tensor_type, compact_rows, compute_dtype,
-                       half_gemm, register_selection, seq_view)
+from ..registry import MethodOptions, register_selection
+from ._routing import SeqView, bmm_f32, compact_rows, compute_dtype, half_gemm, seq_view
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,47 @@ def _example(call: AttentionCall) -> dict[str, Any]:
     }
 
 
+class DSAIndexer(nn.Module):
+    """DSA's lightning indexer inputs: `q_idx = x Wq`, `w = x Ww * Hi^-1/2`, `k_idx = x Wk`.
+
+    `heads` (Hi) and `dim` (Di) size the indexer (DeepSeek-V3.2 uses 64 x 128; tiny defaults
+    here). Keys go through a LayerNorm as in the paper. As in the paper the indexer reads a
+    detached input (`detach_input`): it trains only through `aux_loss`."""
+
+    detach_input = True
+
+    query_names = ("q_idx", "w")
+    key_names = ("k_idx",)
+
+    def __init__(self, q_features: int, k_features: int, num_heads: int, options: dict[str, Any],
+                 heads: int = 4, dim: int = 32) -> None:
+        super().__init__()
+        for name, val in (("heads", heads), ("dim", dim)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise OptionError(f"inputs.{name}: expected an int >= 1, got {val!r}")
+        self.q_features, self.k_features = q_features, k_features
+        self.heads, self.dim = heads, dim
+        self.wq = nn.Linear(q_features, heads * dim, bias=False)
+        self.ww = nn.Linear(q_features, heads, bias=False)
+        self.wk = nn.Linear(k_features, dim, bias=False)
+        self.k_norm = nn.LayerNorm(dim)
+
+    def query_inputs(self, xq: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, T, _ = xq.shape
+        return {"q_idx": self.wq(xq).view(B, T, self.heads, self.dim), "w": self.ww(xq) * self.heads ** -0.5}
+
+    def key_inputs(self, xk: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"k_idx": self.k_norm(self.wk(xk))}
+
+    def aux_loss(self, q: torch.Tensor, k: torch.Tensor, made: dict[str, torch.Tensor], options: dict[str, Any],
+                 cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """DeepSeek's indexer loss (KL from the main attention over the selected keys to the
+        indexer's distribution), mean over queries. Top-k selection passes no gradient, so this
+        is what trains the indexer; `q`, `k` are only the (detached) target."""
+        return indexer_loss(q.detach(), k.detach(), made["q_idx"], made["k_idx"], made["w"], topk=options["topk"],
+                            cu_seqlens=cu_seqlens, reduction="mean")
+
+
 SPEC = register_selection(
     name="dsa",
     family="sparse",
@@ -233,4 +275,5 @@ SPEC = register_selection(
     options=DsaOptions,
     select=policy,
     example=_example,
+    inputs=DSAIndexer,
 )

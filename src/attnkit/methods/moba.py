@@ -18,12 +18,12 @@ from typing import Any, Optional
 
 import torch
 
+from ..core.checks import check_int
 from ..core.contract import AttentionCall, validate_attention
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
-from ..registry import MethodOptions
-from ._routing import (block_mean, bmm_f32, check_int, compact_rows, compute_dtype, half_gemm, register_selection,
-                       seq_view, split_half)
+from ..registry import MethodOptions, register_selection
+from ._routing import block_mean, bmm_f32, compact_rows, compute_dtype, half_gemm, seq_view, split_half
 
 
 GATE_KERNEL_DEVICES = ("cuda",)  # where the fused gate + top-k kernel may run (tests add "cpu" under the interpreter)

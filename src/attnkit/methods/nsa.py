@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.nn as nn
 
+from ..core.checks import check_int, check_tensor_shape, check_tensor_type
 from ..core import masks
 from ..core.contract import AttentionCall, OptionError, validate_attention
 from ..core.masks import Mask
@@ -35,9 +37,8 @@ from ..ops._flex import cached_block_mask, flex_attention_lse, flex_why_not_mask
 from ..ops._triton import run_triton, triton_why_not
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
-from ..registry import Backend, Capabilities, MethodOptions, MethodSpec, register
-from ._routing import (Packing, bmm_f32, check_int, check_tensor_shape, check_tensor_type, compact_rows,
-                       compute_dtype, half_gemm, seq_view)
+from ..registry import Backend, Capabilities, MethodOptions, register_selection
+from ._routing import Packing, bmm_f32, compact_rows, compute_dtype, half_gemm, seq_view
 
 GATES = ("g_cmp", "g_slc", "g_swa")
 
@@ -58,8 +59,6 @@ class NsaOptions(MethodOptions):
             check_int("window", self.window, 1)
         for name in GATES:
             check_tensor_type(name, getattr(self, name), optional=True)
-        if all(getattr(self, name) is None for name in GATES):
-            raise OptionError("g_cmp, g_slc, g_swa: expected at least one gate (a missing gate drops its branch), got none")
         if self.g_swa is not None and self.window is None:
             raise OptionError("window: required (an int >= 1) when the sliding-window gate g_swa is given")
 
@@ -273,10 +272,10 @@ def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optiona
     return KVSelection(compact_rows(idx, width), q_block=1, k_block=bs)
 
 
-def policy(call: AttentionCall, block_size: int, topk: int) -> KVSelection:
+def policy(call: AttentionCall, opts: NsaOptions) -> KVSelection:
     """Branch 2's selection of a validated call (no gradients): the compressed branch's LSE is computed
     from the selection's own score tiles (its output is not needed)."""
-    return _selection(call, block_size, topk, None)
+    return _selection(call, opts.block_size, opts.topk, None)
 
 
 def run(call: AttentionCall, opts: NsaOptions, gpu: bool = False) -> torch.Tensor:
@@ -285,7 +284,12 @@ def run(call: AttentionCall, opts: NsaOptions, gpu: bool = False) -> torch.Tenso
     `gpu=False` runs every branch on the reference executor. `gpu=True` (the triton backend: CUDA, no
     varlen) runs the compressed branch (Tk // block_size pooled keys) and the window on compiled
     FlexAttention, the selection from the compressed branch's LSE, and the selected branch on the
-    Triton sparse kernel (per-token rows, selection shared by the KV group)."""
+    Triton sparse kernel (per-token rows, selection shared by the KV group).
+
+    The options without any gate are valid for the selection alone (`policy`, the decode reader), not
+    for attention."""
+    if all(getattr(opts, name) is None for name in GATES):
+        raise OptionError("g_cmp, g_slc, g_swa: expected at least one gate (a missing gate drops its branch), got none")
     cd = compute_dtype(call.dtype)
     out = torch.zeros(*call.q.shape[:3], call.v.shape[-1], dtype=cd, device=call.device)
 
@@ -298,7 +302,7 @@ def run(call: AttentionCall, opts: NsaOptions, gpu: bool = False) -> torch.Tenso
         o_cmp, lse_cmp, _ = compressed_branch(call, opts.block_size, flex=gpu)
         add(opts.g_cmp, o_cmp)
     if opts.g_slc is not None:
-        sel = (policy(call, opts.block_size, opts.topk) if lse_cmp is None
+        sel = (policy(call, opts) if lse_cmp is None
                else selection_from_lse(call, opts.block_size, opts.topk, lse_cmp))
         if gpu:
             o_slc = run_triton(call, sel)
@@ -325,7 +329,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, caus
     call = validate_attention(q, k, k, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
     check_int("block_size", block_size, 1)
     check_int("topk", topk, 1)
-    return policy(call, block_size, topk)
+    return _selection(call, block_size, topk, None)
 
 
 def _example(call: AttentionCall) -> dict[str, Any]:
@@ -337,21 +341,47 @@ def _example(call: AttentionCall) -> dict[str, Any]:
             "g_cmp": gate(), "g_slc": gate(), "g_swa": gate()}
 
 
-SPEC = register(
-    MethodSpec(
-        name="nsa",
-        family="sparse",
-        paper="Native Sparse Attention; Optimizing NSA",
-        summary="gated mix of compressed (mean-pooled blocks), selected (top-k blocks) and sliding-window branches",
-        options=NsaOptions,
-        capabilities=Capabilities(lse=False),
-        backends=(
-            Backend("triton", lambda call, opts: run(call, opts, gpu=True), devices=("cuda",),
-                    dtypes=(torch.float16, torch.bfloat16, torch.float32), lse=False, varlen=False,
-                    supports=lambda call, opts: triton_why_not(call, None) or flex_why_not_mask(call, None)),
-            Backend("reference", run, lse=False),
-        ),
-        docs="docs/methods/nsa.md",
-        example=_example,
-    )
+class NSAGates(nn.Module):
+    detach_input = False
+
+    """NSA's branch gates: `sigmoid(x W + b)` per query head and branch. The sliding branch
+    (`g_swa`) exists when the method has a `window`."""
+
+    query_names = ("g_cmp", "g_slc", "g_swa")
+    key_names: tuple[str, ...] = ()
+
+    def __init__(self, q_features: int, k_features: int, num_heads: int, options: dict[str, Any]) -> None:
+        super().__init__()
+        self.q_features, self.k_features, self.num_heads = q_features, k_features, num_heads
+        self.branches = self.query_names if options.get("window") is not None else self.query_names[:2]
+        self.proj = nn.Linear(q_features, len(self.branches) * num_heads)
+
+    def query_inputs(self, xq: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, T, _ = xq.shape
+        g = torch.sigmoid(self.proj(xq)).view(B, T, len(self.branches), self.num_heads)  # [B, T, n, Hq]
+        return {name: g[:, :, i] for i, name in enumerate(self.branches)}
+
+    def key_inputs(self, xk: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def aux_loss(self, q: torch.Tensor, k: torch.Tensor, made: dict[str, torch.Tensor], options: dict[str, Any],
+                 cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None  # the gates train through the attention output
+
+
+SPEC = register_selection(
+    "nsa",
+    NsaOptions,
+    policy,
+    paper="Native Sparse Attention; Optimizing NSA",
+    summary="gated mix of compressed (mean-pooled blocks), selected (top-k blocks) and sliding-window branches",
+    example=_example,
+    capabilities=Capabilities(lse=False),
+    inputs=NSAGates,
+    backends=(
+        Backend("triton", lambda call, opts: run(call, opts, gpu=True), devices=("cuda",),
+                dtypes=(torch.float16, torch.bfloat16, torch.float32), lse=False, varlen=False,
+                supports=lambda call, opts: triton_why_not(call, None) or flex_why_not_mask(call, None)),
+        Backend("reference", run, lse=False),
+    ),
 )

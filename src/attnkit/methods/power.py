@@ -18,10 +18,11 @@ from typing import Any, Optional
 
 import torch
 
+from ..core.checks import check_int
 from ..core.contract import AttentionCall, validate_attention
 from ..core.selection import KVSelection, cdiv
-from ..registry import MethodOptions
-from ._routing import check_int, compact_rows, register_selection, seq_view
+from ..registry import MethodOptions, register_selection
+from ._routing import compact_rows, seq_view
 
 
 @dataclass(frozen=True)

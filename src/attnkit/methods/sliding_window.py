@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Union
 
 from ..core import masks
+from ..core.checks import check_int
 from ..core.contract import AttentionCall, OptionError
-from ..registry import MethodOptions
-from ._static import check_int, register_static
+from ..registry import MethodOptions, register_selection
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,11 @@ def mask(opts: SlidingWindowOptions) -> masks.Mask:
     return m | masks.sinks(opts.sinks) if opts.sinks else m
 
 
-SPEC = register_static(
+SPEC = register_selection(
     "sliding_window",
-    "StreamingLLM (sinks); MSWA (per-head windows)",
-    "local window of `window` keys plus `sinks` first keys; per-head windows allowed",
     SlidingWindowOptions,
-    mask,
+    mask=mask,
+    paper="StreamingLLM (sinks); MSWA (per-head windows)",
+    summary="local window of `window` keys plus `sinks` first keys; per-head windows allowed",
     example=lambda call: {"window": max(1, call.tk // 8), "sinks": 4},
 )

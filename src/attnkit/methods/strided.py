@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core import masks
+from ..core.checks import check_int
 from ..core.contract import AttentionCall, OptionError
-from ..registry import MethodOptions
-from ._static import check_int, register_static
+from ..registry import MethodOptions, register_selection
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,11 @@ def mask(opts: StridedOptions) -> masks.Mask:
     return masks.strided(opts.num_shards, opts.window)
 
 
-SPEC = register_static(
+SPEC = register_selection(
     "strided",
-    "S2-Attention (heterogeneous context sharding)",
-    "head h sees keys j with j % num_shards == h % num_shards, plus a local `window`",
     StridedOptions,
-    mask,
+    mask=mask,
+    paper="S2-Attention (heterogeneous context sharding)",
+    summary="head h sees keys j with j % num_shards == h % num_shards, plus a local `window`",
     example=lambda call: {"num_shards": min(4, call.hq), "window": 16},
 )

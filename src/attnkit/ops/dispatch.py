@@ -1,6 +1,13 @@
-"""Dispatch by measurement: which GPU backend `backend="auto"` prefers, per method, device and length.
+"""The one dispatcher: backends declared as data, every reason a backend cannot serve a call, and the
+measured order that `backend="auto"` follows.
 
-The registry lists each method's backends in a default preference order; where several of them can
+A `Backend` declares what it supports as data (devices, dtypes, LSE, varlen, backward, an
+availability check for its packages, and a `supports` check for what the data cannot say), in the
+spirit of xformers' operators. `choose` asks every backend why it cannot serve a call and picks the
+first of the others, in the measured order where the table has one; the `Explanation` it returns is
+what `attnkit.explain` prints.
+
+Dispatch by measurement: the registry lists each method's backends in a default preference order; where several of them can
 run a call on a GPU, the order that was fastest *in a benchmark run on that GPU* wins. The table
 (`measured_dispatch.TABLE`) is generated from a committed results file by
 `scripts/make_dispatch_table.py` and records its source, device and versions, so `explain()` can say
@@ -13,11 +20,14 @@ the fastest forward and the fastest forward+backward are different backends for 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..core.contract import AttentionCall
+from ..core.contract import SUPPORTED_DTYPES, AttentionCall
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 @functools.lru_cache(maxsize=8)
@@ -49,3 +59,94 @@ def measured_order(method: str, call: AttentionCall) -> Optional[tuple[list[str]
                    f"({TABLE['source']}, {TABLE['device']}; {evidence})")
             return list(order), why
     return None
+
+
+Runner = Callable[[AttentionCall, Any], Any]
+Check = Callable[[AttentionCall, Any], Optional[str]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run a method. `supports` returns None, or the reason it cannot serve a call."""
+
+    name: str
+    run: Runner
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES
+    lse: bool = True
+    varlen: bool = True
+    backward: bool = True
+    available: Optional[Callable[[], Optional[str]]] = None
+    supports: Optional[Check] = None
+
+    def why_not(self, call: AttentionCall, opts: Any) -> Optional[str]:
+        if self.available is not None:
+            reason = self.available()
+            if reason:
+                return reason
+        if call.device.type not in self.devices:
+            return f"runs on {'/'.join(self.devices)}, inputs are on {call.device.type}"
+        if call.dtype not in self.dtypes:
+            have = ", ".join(DTYPE_NAMES[d] for d in self.dtypes)
+            return f"dtype {DTYPE_NAMES.get(call.dtype, call.dtype)} not supported (supports {have})"
+        if call.return_lse and not self.lse:
+            return "cannot return the LSE (return_lse=True)"
+        if call.varlen and not self.varlen:
+            return "no varlen (cu_seqlens) support"
+        if call.requires_grad and torch.is_grad_enabled() and not self.backward:
+            return "forward only, and inputs require grad"
+        if self.supports is not None:
+            return self.supports(call, opts)
+        return None
+
+
+
+
+@dataclass
+class Explanation:
+    """Why each backend was or was not chosen for one call."""
+
+    method: str
+    requested: str
+    chosen: Optional[str]
+    rows: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"method {self.method!r}, backend={self.requested!r}: chosen {self.chosen!r}"]
+        for name, ok, reason in self.rows:
+            mark = "->" if name == self.chosen else ("ok" if ok else "no")
+            lines.append(f"  {mark} {name:<10} {reason}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def choose(name: str, backends: Sequence[Backend], call: AttentionCall, opts: Any,
+           requested: str = "auto") -> Explanation:
+    """Pick the backend of `name` (a method or an op) for a call; the Explanation lists every
+    candidate's verdict. `requested` must be "auto" or one of the backends' names (callers check)."""
+    exp = Explanation(name, requested, None)
+    backends, measured_why = list(backends), None
+    if requested == "auto" and len(backends) > 2:  # several executors: the GPU measurement may reorder them
+        measured = measured_order(name, call)
+        if measured is not None:
+            rank = {name: i for i, name in enumerate(measured[0])}
+            backends.sort(key=lambda b: rank.get(b.name, len(rank)))  # stable: unmeasured ones keep their order
+            measured_why = measured[1]
+    for b in backends:
+        reason = b.why_not(call, opts)
+        ok = reason is None
+        if ok and exp.chosen is None and requested in ("auto", b.name):
+            exp.chosen = b.name
+            if requested != "auto":
+                text = "chosen: requested"
+            elif measured_why is not None and b.name in measured[0]:
+                text = "chosen: " + measured_why
+            else:
+                text = "chosen: first supported backend in preference order"
+        elif ok:
+            text = "supported, not chosen" + (" (another backend was requested)" if requested != "auto" else " (lower preference)")
+        else:
+            text = reason
+        exp.rows.append((b.name, ok, text))
+    return exp

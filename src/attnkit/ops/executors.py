@@ -26,10 +26,10 @@ import torch
 from ..core.contract import AttentionCall
 from ..core.masks import Mask
 from ..core.selection import KVSelection
-from ..registry import Backend
 from ._backends import run_reference
 from ._flex import FLEX_BLOCK, flex_why_not_mask, run_flex_mask, run_flex_selection
 from ._triton import run_triton, triton_why_not
+from .dispatch import Backend
 
 SelectFn = Callable[[AttentionCall, Any], KVSelection]
 _HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
