@@ -1,4 +1,4 @@
-"""MoBA's fused gate + top-k kernel (`kernels/gate_topk.py`) against the definition and the PyTorch
+"""MoBA's fused gate + top-k kernel (`kernels/selection/gate_topk.py`) against the definition and the PyTorch
 tiles; in Triton's CPU interpreter at tiny shapes, on a GPU at a real size."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def small_tiles(kernel_device, monkeypatch):
     if kernel_device == "cpu":
         from attnkit import kernels
 
-        mod = kernels.load_module("gate_topk")
+        mod = kernels.load_module("selection.gate_topk")
         monkeypatch.setattr(mod, "BLOCK_M", 16)
         monkeypatch.setattr(mod, "BLOCK_N", 16)
 
@@ -77,7 +77,7 @@ def test_kernel_orders_by_gate_and_breaks_ties_by_index(kernel_device):
     """Raw kernel output: descending gate order, own block first; equal gates -> larger block first."""
     from attnkit import kernels
 
-    mod = kernels.load_module("gate_topk")
+    mod = kernels.load_module("selection.gate_topk")
     q = torch.zeros(1, 1, 1, 16, device=kernel_device)
     q[..., 0] = 1.0
     means = torch.zeros(1, 1, 1, 16, 6, device=kernel_device)  # [N, Hkv, terms, D, nk]
@@ -94,7 +94,7 @@ def test_kernel_is_opt_in_and_falls_back_past_max_topk(kernel_device, monkeypatc
     monkeypatch.setenv(moba.GATE_KERNEL_ENV, "1")
     from attnkit import kernels
 
-    mod = kernels.load_module("gate_topk")
+    mod = kernels.load_module("selection.gate_topk")
     assert moba._gate_kernel(torch.device(kernel_device), torch.float32, mod.MAX_TOPK) is mod
     assert moba._gate_kernel(torch.device(kernel_device), torch.float32, mod.MAX_TOPK + 1) is None
     assert moba._gate_kernel(torch.device(kernel_device), torch.float64, 4) is None

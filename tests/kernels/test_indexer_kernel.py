@@ -1,4 +1,4 @@
-"""The fused DSA indexer-score kernel (`kernels/indexer.py`) against the PyTorch tiles and the
+"""The fused DSA indexer-score kernel (`kernels/selection/indexer.py`) against the PyTorch tiles and the
 definition; on a GPU when there is one, else in Triton's CPU interpreter at tiny shapes."""
 
 from __future__ import annotations

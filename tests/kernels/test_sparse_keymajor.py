@@ -1,4 +1,4 @@
-"""The key-major path of the Triton sparse executor (`kernels.sparse_keymajor`) against the float64
+"""The key-major path of the Triton sparse executor (`kernels.sparse.keymajor`) against the float64
 reference executor, by the 2x rule of DESIGN.md section 7 (outputs, LSE, dq / dk / dv, and the
 gradient through the LSE).
 

@@ -42,7 +42,7 @@ def _errors(out, lse, q, c, sel):
 def _quest_kernel_ok(q, c) -> bool:
     """Quest's page-score kernel equals the PyTorch form (which tests/kv checks against the definition),
     empty and unallocated pages included."""
-    from attnkit.kernels.quest import quest_page_scores
+    from attnkit.kernels.selection.quest import quest_page_scores
     from attnkit.kv.sparse import _group_queries
 
     kmin, kmax = c.page_bounds()

@@ -4,6 +4,10 @@ Nothing here imports Triton at `import attnkit` time (DESIGN.md section 2): `loa
 kernel modules on first use. With `TRITON_INTERPRET=1` set when `load()` first runs, the kernels
 are built for Triton's CPU interpreter and accept CPU tensors (CI runs them that way at tiny
 shapes); otherwise they need CUDA tensors.
+
+By role: `jit` (helpers shared by the kernels), `sparse` (the sparse executor: planning, the
+query-major and key-major kernels, the custom ops), `selection` (kernels of the selections: MoBA's
+fused gate + top-k, DSA's indexer, Quest's page bounds), `decode` (paged decode).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ def load() -> ModuleType:
 
 
 def load_module(name: str) -> ModuleType:
-    """Import another kernel module (`"indexer"`, ...) built the same way as `load()`'s (interpreter or GPU)."""
+    """Import another kernel module (`"selection.indexer"`, `"decode"`, ...) built the same way as
+    `load()`'s (interpreter or GPU)."""
     load()
     mod = _STATE.get(name)
     if mod is None:

@@ -25,10 +25,11 @@ import triton
 import triton.language as tl
 
 from ..core.selection import KVSelection
+from .jit import pow2
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# Under Triton's CPU interpreter bf16 dot operands are mishandled (see kernels/sparse_triton.py):
+# Under Triton's CPU interpreter bf16 dot operands are mishandled (see kernels/jit.py):
 # there every dot runs on fp32 copies, which is what tensor cores compute on the GPU.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
@@ -132,15 +133,11 @@ def _decode_split_kernel(
     tl.store(Lse + base + m, lse)
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(x))
-
-
 def _block_n(mode: int, page: int) -> int:
     """Keys per tile: 64 gathered slots (MODE 2), or whole pages filling at least 64 slots
     (`ATTNKIT_DECODE_BLOCK_N` overrides the 64, for measuring)."""
     base = int(os.environ.get("ATTNKIT_DECODE_BLOCK_N", "64"))
-    return base if mode == 2 else max(base, _pow2(page))
+    return base if mode == 2 else max(base, pow2(page, 16))
 
 
 def _step(mode: int, page: int) -> int:
@@ -181,7 +178,7 @@ def _paged_decode_op(q: torch.Tensor, q_pos: torch.Tensor, k_pool: torch.Tensor,
     P, PAGE, DV = v_pool.shape
     G = Hq // n_heads_kv
     R = B * n_heads_kv
-    BLOCK_M, BLOCK_D, BLOCK_DV = _pow2(G * Tq), _pow2(D), _pow2(DV)
+    BLOCK_M, BLOCK_D, BLOCK_DV = pow2(G * Tq, 16), pow2(D, 16), pow2(DV, 16)
     BLOCK_N = _block_n(mode, PAGE)
     out = torch.empty(R, num_splits, BLOCK_M, BLOCK_DV, dtype=torch.float32, device=q.device)
     lse = torch.empty(R, num_splits, BLOCK_M, dtype=torch.float32, device=q.device)
@@ -205,7 +202,7 @@ def _(q, q_pos, k_pool, v_pool, pos_pool, bias_pool, page_table, sel, n_heads_kv
       mode, causal, num_splits):
     B, Tq, Hq, D = q.shape
     R = B * n_heads_kv
-    bm, bdv = _pow2((Hq // n_heads_kv) * Tq), _pow2(v_pool.shape[-1])
+    bm, bdv = pow2((Hq // n_heads_kv) * Tq, 16), pow2(v_pool.shape[-1], 16)
     return (q.new_empty(R, num_splits, bm, bdv, dtype=torch.float32),
             q.new_empty(R, num_splits, bm, dtype=torch.float32))
 

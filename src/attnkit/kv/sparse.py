@@ -84,14 +84,14 @@ class Quest(Reader):
 
         `max_d(q_d lo_d, q_d hi_d)` summed over d is `relu(q) . hi + min(q, 0) . lo`, so the bound is
         two matmuls. On CUDA a Triton kernel gathers the bounds through the page table itself
-        (`kernels/quest.py`); elsewhere (and in float64) the pages' bounds are gathered first."""
+        (`kernels/selection/quest.py`); elsewhere (and in float64) the pages' bounds are gathered first."""
         kmin, kmax = cache.page_bounds()  # [P, D]
         newest = cache.page_newest()  # [P]
         B, H = cache.batch, cache.num_heads
         first = cache.seen - q.shape[1] if force_newest else torch.full_like(cache.seen, 2**62)  # [B]
         qg = _group_queries(q, H)  # [B, Hkv, GTq, D]
         if qg.dtype == torch.float32 and qg.is_cuda and device_ok("cuda") is None:
-            from ..kernels.quest import quest_page_scores
+            from ..kernels.selection.quest import quest_page_scores
 
             rows = quest_page_scores(qg.reshape(B * H, -1, qg.shape[-1]), kmin, kmax, cache.page_table.view(B * H, -1),
                                      newest, first.view(B, 1).expand(B, H).reshape(-1))

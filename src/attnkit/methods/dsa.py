@@ -63,7 +63,7 @@ def _indexer_kernel(device: torch.device, index_dim: int, dtype: torch.dtype) ->
 
     if index_dim > MAX_KERNEL_INDEX_DIM or dtype == torch.float64:
         return None
-    return kernels.module_for("indexer", device, INDEXER_KERNEL_DEVICES)
+    return kernels.module_for("selection.indexer", device, INDEXER_KERNEL_DEVICES)
 
 
 class _Indexer:

@@ -39,7 +39,7 @@ def _gate_kernel(device: torch.device, dtype: torch.dtype, topk: int) -> Any:
 
     if os.environ.get(GATE_KERNEL_ENV, "0") != "1" or dtype == torch.float64:
         return None
-    mod = kernels.module_for("gate_topk", device, GATE_KERNEL_DEVICES)
+    mod = kernels.module_for("selection.gate_topk", device, GATE_KERNEL_DEVICES)
     return mod if mod is not None and topk <= mod.MAX_TOPK else None
 
 

@@ -1,14 +1,14 @@
 """The Triton sparse executor as `torch.library` custom ops, with autograd.
 
 `sparse_attention(q, k, v, indices, q_block, k_block, ...)` runs attention of each query over the
-key blocks of its selection row (DESIGN.md section 4) with the kernels of `sparse_triton`:
+key blocks of its selection row (DESIGN.md section 4) with the kernels of `querymajor`:
 
 - block mode: `q_block` a multiple of 16; a tile is up to 128 consecutive queries of one head;
 - token mode (any other `q_block`, MoBA / NSA with `q_block == 1`): a tile is one token and the
   query heads sharing its selection row (the whole KV group when `Hsel` is `Hkv` or 1);
 - keys are contiguous tiles inside each selected block, or gathered per selection entry when
   `k_block < 16` (DSA's token-level keys, `k_block == 1`);
-- key-major (`sparse_keymajor`): token mode with fewer than 8 query heads per selection row and KV
+- key-major (`keymajor`): token mode with fewer than 8 query heads per selection row and KV
   head (MoBA's `Hsel == Hq`) and contiguous key blocks: a program owns a key block and gathers the
   queries that selected it (`ATTNKIT_SPARSE_KEYMAJOR=0` turns it off).
 
@@ -26,129 +26,14 @@ from typing import Optional
 import torch
 import triton
 
-from . import interpreted, launch_env as _launch_env
-from . import sparse_keymajor as keymajor
-from . import sparse_triton as kern
+from .. import launch_env as _launch_env
+from ..jit import dot_precision, pow2
+from . import keymajor
+from . import querymajor as kern
+from .plan import TilePlan, _block_candidates, _pick, heads_per_tile, hsel_divisor, plan_query_tiles, tuned_configs  # noqa: F401
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Tile shapes and modes for one call (see the module docstring)."""
-
-    block_m: int
-    block_n: int
-    rh: int  # rows per token in a tile: 1 (block mode) or block_m (token mode)
-    r: int  # query heads per tile (valid rows per token)
-    gather: bool  # keys gathered per selection entry
-    num_warps: int
-    num_stages: int
-
-    @property
-    def tokens(self) -> int:
-        return self.block_m // self.rh
-
-
-def _heads_per_tile(hq: int, hkv: int, hsel: int) -> int:
-    """Query heads that share both a KV head and a selection row (at most 64 per tile)."""
-    if hsel == hq:
-        return 1
-    g = hq // hkv
-    return max(d for d in range(1, min(g, 64) + 1) if g % d == 0)
-
-
-def hsel_divisor(hq: int, hkv: int, hsel: int) -> int:
-    """Query head h reads selection head h // divisor."""
-    if hsel == hq:
-        return 1
-    if hsel == hkv:
-        return hq // hkv
-    return hq
-
-
-def plan_query_tiles(hq: int, hkv: int, hsel: int, q_block: int, k_block: int, head_dim: int,
-                     backward: bool = False) -> TilePlan:
-    gather = k_block < 16
-    big = max(head_dim, 16) > 64
-    if q_block % 16 == 0:
-        options = (64, 32, 16) if backward or big and gather else (128, 64, 32, 16)
-        bm = next(m for m in options if q_block % m == 0)
-        bn = 32 if (backward and big) else 64
-        warps = 8 if bm >= 128 or (backward and big and bm >= 64) else 4
-        return TilePlan(bm, bn, 1, 1, gather, warps, 2 if backward else 3)
-    r = _heads_per_tile(hq, hkv, hsel)
-    bm = max(16, _pow2(r))
-    bn = 32 if (backward and big) else 64
-    return TilePlan(bm, bn, bm, r, gather, 4, 2)
-
-
-# --- a small autotuner: block-mode tiles on CUDA, tried once per key, the fastest cached ------------
-
-_TUNED: dict[tuple, tuple] = {}
-
-
-def _time_launch(launch, cfg, reps: int = 3) -> float:
-    launch(cfg)  # compile + warm
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        launch(cfg)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-def _pick(key: tuple, candidates: list, launch):
-    """The fastest candidate config for `key` (timed on first use, then cached); the first
-    candidate when tuning is off (CPU interpreter, one candidate). Configs that fail to compile
-    (too many resources) are skipped. Every kernel tuned this way writes, never accumulates, its
-    outputs, so trial launches leave nothing behind."""
-    if key in _TUNED:
-        return _TUNED[key]
-    if len(candidates) == 1 or interpreted() or os.environ.get("ATTNKIT_NO_AUTOTUNE") == "1":
-        _TUNED[key] = candidates[0]
-        return candidates[0]
-    best, best_t = None, float("inf")
-    for cfg in candidates:
-        try:
-            t = _time_launch(launch, cfg)
-        except Exception:  # noqa: BLE001 - e.g. triton OutOfResources for a large tile
-            continue
-        if t < best_t:
-            best, best_t = cfg, t
-    if best is None:
-        raise RuntimeError(f"no tile configuration of {key[0]} could run")
-    _TUNED[key] = best
-    return best
-
-
-def tuned_configs() -> dict:
-    """What the autotuner picked in this process: {key: (BLOCK_M, BLOCK_N, warps, stages)}."""
-    return dict(_TUNED)
-
-
-def _block_candidates(kind: str, q_block: int, k_block: int, big: bool) -> list:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tried for block-mode tiles."""
-    if kind == "fwd":
-        cands = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
-    elif kind == "dq":
-        cands = [(64, 32, 4, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)]
-    else:  # dkdv: BLOCK_M query rows, BLOCK_N keys
-        cands = [(32, 64, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (16, 128, 4, 3)]
-    if kind in ("fwd", "dq"):
-        cands = [c for c in cands if q_block % c[0] == 0]
-    return cands
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not silently run in tf32 (the 2x rule compares with plain fp32 PyTorch)
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scale, max_k=None):
@@ -173,9 +58,9 @@ def _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scal
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
             out.stride(1), indices.stride(0), indices.stride(1), indices.stride(2), lse.stride(0),
             s, q_block, k_block, hq // hkv, hsel_divisor(hq, hkv, hsel), p.r, scale * kern.LOG2E,
-            D=d, DV=dv, BLOCK_D=max(16, _pow2(d)), BLOCK_DV=max(16, _pow2(dv)),
+            D=d, DV=dv, BLOCK_D=max(16, pow2(d)), BLOCK_DV=max(16, pow2(dv)),
             BLOCK_M=bm, BLOCK_N=bn, RH=rh, GATHER=p.gather, CAUSAL=causal,
-            DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+            DOT_PREC=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         )
 
     default = (p.block_m, p.block_n, p.num_warps, p.num_stages)
@@ -221,8 +106,8 @@ def _backward(do, q, k, v, out, lse, dlse, indices, cu_q, cu_k, max_q, max_k, q_
     dq = torch.empty_like(q)
     g = hq // hkv
     div = hsel_divisor(hq, hkv, hsel)
-    prec = _dot_precision(q.dtype)
-    bd, bdv = max(16, _pow2(d)), max(16, _pow2(dv))
+    prec = dot_precision(q.dtype)
+    bd, bdv = max(16, pow2(d)), max(16, pow2(dv))
     p = plan_query_tiles(hq, hkv, hsel, q_block, k_block, d, backward=True)
     if p.gather:  # dk/dv accumulate atomically in float32 from the query tiles
         dk_acc = torch.zeros(tk, hkv, d, dtype=torch.float32, device=q.device)
@@ -273,7 +158,7 @@ def _backward(do, q, k, v, out, lse, dlse, indices, cu_q, cu_k, max_q, max_k, q_
             num_warps=warps, num_stages=stages,
         )
 
-    default = (32 if big else 64, 64 if k_block % 64 == 0 or k_block > 64 else max(16, _pow2(k_block)),
+    default = (32 if big else 64, 64 if k_block % 64 == 0 or k_block > 64 else max(16, pow2(k_block)),
                8 if big else 4, 2)
     cands = [default]
     if q.is_cuda and q_block >= 64:

@@ -18,10 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
+from ..jit import max_combine
 
 
 @triton.jit
@@ -46,7 +43,7 @@ def _quest_bound_kernel(Q, Lo, Hi, PT, PMax, Thr, Out, maxp, GT,
     s = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee") \
         + tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")  # [BLOCK_M, BLOCK_P]
     s = tl.where(m_in[:, None], s, float("-inf"))
-    best = tl.reduce(s, 0, _max_combine)
+    best = tl.reduce(s, 0, max_combine)
     # pages holding a token at or after the first decode query's position are always read
     newest = tl.load(PMax + page, mask=ok, other=-1)
     thr = tl.load(Thr + row)

@@ -28,41 +28,10 @@ so dk/dv are written once, without atomics.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-# Triton's CPU interpreter multiplies bf16 operands of tl.dot as their raw uint16 storage (seen
-# with Triton 3.9), so under the interpreter every dot runs on fp32 copies of its operands: the
-# same products and fp32 accumulation that the GPU's tensor cores give.
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-# Only core builtins and this module's own jit functions appear in the kernels (no tl.zeros, tl.max,
-# tl.sum: those are jit functions of triton.language.standard, which are compiled-or-interpreted
-# according to how *Triton* was first imported; these kernels then run under the interpreter
-# even when something imported Triton before them).
-@triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _sum_combine(a, b):
-    return a + b
-
-
-@triton.jit
-def _mm(a, b, DOT_PREC: tl.constexpr):
-    if INTERPRETED:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=DOT_PREC)
-    return c
-
+from ..jit import LN2, LOG2E, max_combine, mm, sum_combine  # noqa: F401  (LN2, LOG2E: for the launchers)
 
 @triton.jit
 def _row_coords(t0, h0, R, len_q, BLOCK_M: tl.constexpr, RH: tl.constexpr):
@@ -100,14 +69,14 @@ def _fwd_step(q, acc, m_i, l_i, kn, kvalid, qpos, row_valid, k_base, v_base, str
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
               CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     kT, v = _key_tile(kn, kvalid, k_base, v_base, stride_kt, stride_vt, BLOCK_D, BLOCK_DV, D, DV)
-    s = _mm(q, kT, DOT_PREC) * qk_scale
+    s = mm(q, kT, DOT_PREC) * qk_scale
     s = tl.where(_visible(kn, kvalid, qpos, row_valid, CAUSAL), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, max_combine))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_PREC)
+    l_i = l_i * alpha + tl.reduce(p, 1, sum_combine)
+    acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, DOT_PREC)
     return acc, m_new, l_i
 
 
@@ -187,18 +156,18 @@ def _bwd_dq_step(q, do, dq, lse2, delta, kn, kvalid, qpos, row_valid, k_base, v_
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                  CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_KV: tl.constexpr):
     kT, v = _key_tile(kn, kvalid, k_base, v_base, stride_kt, stride_vt, BLOCK_D, BLOCK_DV, D, DV)
-    s = _mm(q, kT, DOT_PREC) * qk_scale
+    s = mm(q, kT, DOT_PREC) * qk_scale
     vis = _visible(kn, kvalid, qpos, row_valid, CAUSAL)
     p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
-    dp = _mm(do, tl.trans(v), DOT_PREC)
+    dp = mm(do, tl.trans(v), DOT_PREC)
     ds = p * (dp - delta[:, None])
-    dq += _mm(ds.to(kT.dtype), tl.trans(kT), DOT_PREC)
+    dq += mm(ds.to(kT.dtype), tl.trans(kT), DOT_PREC)
     if ATOMIC_KV:
         kn64 = kn.to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         dvr = tl.arange(0, BLOCK_DV)
-        pdv = _mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
-        pdk = _mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC) * sm_scale
+        pdv = mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
+        pdk = mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC) * sm_scale
         tl.atomic_add(dv_base + kn64[:, None] * stride_dvt + dvr[None, :], pdv,
                       mask=kvalid[:, None] & (dvr[None, :] < DV))
         tl.atomic_add(dk_base + kn64[:, None] * stride_dkt + d[None, :], pdk,
@@ -371,13 +340,13 @@ def _bwd_dkdv_step(k, v, dk, dv, tok, row_valid, kn, kvalid, shift, q_start, q_b
     lse = tl.load(LSE + l_base + tok64, mask=row_valid, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + l_base + tok64, mask=row_valid, other=0.0)
-    sT = _mm(k, qT, DOT_PREC) * qk_scale
+    sT = mm(k, qT, DOT_PREC) * qk_scale
     vis = kvalid[:, None] & row_valid[None, :]
     if CAUSAL:
         vis = vis & (kn[:, None] <= (tok + shift)[None, :])
     pT = tl.where(vis, tl.math.exp2(sT - lse2[None, :]), 0.0)
-    dv += _mm(pT.to(do.dtype), do, DOT_PREC)
-    dpT = _mm(v, tl.trans(do), DOT_PREC)
+    dv += mm(pT.to(do.dtype), do, DOT_PREC)
+    dpT = mm(v, tl.trans(do), DOT_PREC)
     dsT = pT * (dpT - delta[None, :])
-    dk += _mm(dsT.to(qT.dtype), tl.trans(qT), DOT_PREC)
+    dk += mm(dsT.to(qT.dtype), tl.trans(qT), DOT_PREC)
     return dk, dv

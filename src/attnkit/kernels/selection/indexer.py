@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch_env
+from .. import launch_env
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _indexer_scores_kernel(Q, K, W, KLEN, S, R, C, row0, col0, offset,
     k = tl.load(K + n64 * stride_kn + j[:, None] * stride_kt + d[None, :],
                 mask=(c_in & (j < klen))[:, None] & d_in[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
     kt = tl.trans(k)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # core builtins only (see sparse_triton.py)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # core builtins only (see kernels/jit.py)
     q_base = Q + n64 * stride_qn + i[:, None] * stride_qt + d[None, :]
     w_base = W + n64 * stride_wn + i * stride_wt
     for h in range(0, heads):

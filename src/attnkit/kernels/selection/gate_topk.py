@@ -27,9 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch_env
-from .sparse import _dot_precision
-from .sparse_triton import _max_combine, _mm  # core builtins only in kernels (see sparse_triton.py)
+from .. import launch_env
+from ..jit import dot_precision, max_combine, mm  # core builtins only in kernels (see jit.py)
 
 # below every packed (score, index) key: a float32 score's key is >= -2**31 + 2**23 (finite)
 EMPTY = tl.constexpr(-9_200_000_000_000_000_000)
@@ -70,7 +69,7 @@ def _gate_topk_kernel(Q, GK, KLEN, OUT, Tq, nk, offset, group, block_size, width
         s = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for t in tl.static_range(TERMS):
             g = tl.load(g_base + t * stride_gt + c[None, :], mask=d_in[:, None] & c_in[None, :], other=0.0)
-            s += _mm(q, g, DOT_PREC)
+            s += mm(q, g, DOT_PREC)
         first = c * block_size
         cand = (c_in & (first < klen))[None, :] & r_in[:, None]
         if CAUSAL:
@@ -83,7 +82,7 @@ def _gate_topk_kernel(Q, GK, KLEN, OUT, Tq, nk, offset, group, block_size, width
         packed = tl.where(cand | forced, packed, EMPTY)
         merged = tl.full((BLOCK_M, K), EMPTY, tl.int64)
         for rank in tl.static_range(K):
-            top = tl.maximum(tl.reduce(packed, 1, _max_combine), tl.reduce(best, 1, _max_combine))
+            top = tl.maximum(tl.reduce(packed, 1, max_combine), tl.reduce(best, 1, max_combine))
             merged = tl.where(kcol[None, :] == rank, top[:, None], merged)
             packed = tl.where(packed == top[:, None], EMPTY, packed)
             best = tl.where(best == top[:, None], EMPTY, best)
@@ -121,6 +120,6 @@ def gate_topk(q: torch.Tensor, gate_keys: torch.Tensor, k_len: torch.Tensor, off
             q.stride(0), q.stride(1), q.stride(2), gate_keys.stride(0), gate_keys.stride(1), gate_keys.stride(2),
             gate_keys.stride(3), out.stride(0), out.stride(1), out.stride(2),
             TERMS=terms, K=max(2, triton.next_power_of_2(width)), BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-            CAUSAL=causal, DOT_PREC=_dot_precision(q.dtype), num_warps=8, num_stages=2,
+            CAUSAL=causal, DOT_PREC=dot_precision(q.dtype), num_warps=8, num_stages=2,
         )
     return out

@@ -1,6 +1,6 @@
 """Key-major Triton kernels for per-token, per-head selections (MoBA: `q_block == 1`, `Hsel == Hq`).
 
-The query-major token mode of `sparse_triton` puts one token and the query heads sharing its
+The query-major token mode of `querymajor` puts one token and the query heads sharing its
 selection row in a tile; when few heads share a row (MoBA's `Hsel == Hq`: one) most of the 16-row
 tensor-core tile is padding. Here the work is turned around: a program owns one tile of keys
 (a selected key block, or a `BLOCK_N` slice of it) of one KV head and walks the selection entries
@@ -36,7 +36,7 @@ exactly as in the query-major kernels.
 
 Used by `kernels.sparse` when `uses_keymajor(...)`: token mode (`q_block % 16 != 0`), contiguous
 key blocks (`k_block >= 16`) and fewer than 8 query heads per selection row and KV head
-(`_heads_per_tile < 8`). `ATTNKIT_SPARSE_KEYMAJOR=0` in the environment turns the path off (the
+(`heads_per_tile < 8`). `ATTNKIT_SPARSE_KEYMAJOR=0` in the environment turns the path off (the
 query-major token mode runs instead; for A/B timing). Atomics make the float32 sums
 order-nondeterministic (run to run differences at float32 rounding level).
 """
@@ -50,7 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_triton import LOG2E, _key_tile, _max_combine, _mm, _sum_combine
+from ..jit import LOG2E, max_combine, mm, pow2, sum_combine
+from .plan import heads_per_tile, hsel_divisor
+from .querymajor import _key_tile
 
 # launch knobs (module attributes so tests can shrink them to exercise chunking and key sub-tiles)
 ENTRY_CHUNK = 1024  # entries of one cell per program (a multiple of the BLOCK_M values below)
@@ -65,17 +67,11 @@ BWD_MAX_BLOCK_N = 64
 STATS = {"fwd": 0, "bwd": 0}
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def uses_keymajor(hq: int, hkv: int, hsel: int, q_block: int, k_block: int) -> bool:
     """Whether `kernels.sparse` runs this call key-major (see the module docstring)."""
     if os.environ.get("ATTNKIT_SPARSE_KEYMAJOR", "1").strip() == "0":
         return False
-    from .sparse import _heads_per_tile
-
-    return q_block % 16 != 0 and k_block >= 16 and _heads_per_tile(hq, hkv, hsel) < 8
+    return q_block % 16 != 0 and k_block >= 16 and heads_per_tile(hq, hkv, hsel) < 8
 
 
 # --- the entry list ---------------------------------------------------------------------------------
@@ -96,8 +92,6 @@ class Entries(NamedTuple):
 def build_entries(indices: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, hq: int, hkv: int, q_block: int,
                   k_block: int, nkb: int, causal: bool, chunk: int, n_sub: int) -> Entries:
     """CSR of the selection entries per (sequence, KV head, key block) cell (module docstring)."""
-    from .sparse import hsel_divisor
-
     n, hsel, nq, s = indices.shape
     dev = indices.device
     sel = indices
@@ -230,11 +224,11 @@ def _fwd_lse_kernel(
         for e0 in range(lo, hi, BLOCK_M):
             ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
             q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
-            s = _mm(q, kT, DOT_PREC) * qk_scale
+            s = mm(q, kT, DOT_PREC) * qk_scale
             s = tl.where(_entry_visible(ev, kvalid, kn, tq, shift, CAUSAL), s, float("-inf"))
-            m = tl.reduce(s, 1, _max_combine)
+            m = tl.reduce(s, 1, max_combine)
             m_safe = tl.where(m == float("-inf"), 0.0, m)
-            l = tl.reduce(tl.math.exp2(s - m_safe[:, None]), 1, _sum_combine)
+            l = tl.reduce(tl.math.exp2(s - m_safe[:, None]), 1, sum_combine)
             empty = l == 0.0
             lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l))) * 0.6931471805599453)
             tl.store(LSE_E + pos * N_SUB + sub, lse, mask=ev)
@@ -260,10 +254,10 @@ def _fwd_out_kernel(
             ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
             q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
             lse2 = _lse_base2(LSE, head.to(tl.int64) * stride_lh + tok64, ev)
-            s = _mm(q, kT, DOT_PREC) * qk_scale
+            s = mm(q, kT, DOT_PREC) * qk_scale
             vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
             p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
-            o = _mm(p.to(v.dtype), v, DOT_PREC)
+            o = mm(p.to(v.dtype), v, DOT_PREC)
             tl.atomic_add(OACC + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dvr[None, :], o,
                           mask=ev[:, None] & (dvr[None, :] < DV), sem="relaxed")
 
@@ -299,14 +293,14 @@ def _bwd_kernel(
             lrow = head.to(tl.int64) * stride_lh + tok64
             lse2 = _lse_base2(LSE, lrow, ev)
             delta = tl.load(DELTA + lrow, mask=ev, other=0.0)
-            s = _mm(q, tl.trans(k), DOT_PREC) * qk_scale
+            s = mm(q, tl.trans(k), DOT_PREC) * qk_scale
             vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
             p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
-            dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
-            dp = _mm(do, tl.trans(v), DOT_PREC)
+            dv += mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
+            dp = mm(do, tl.trans(v), DOT_PREC)
             ds = p * (dp - delta[:, None])
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC)
-            dq = _mm(ds.to(k.dtype), k, DOT_PREC) * sm_scale
+            dk += mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC)
+            dq = mm(ds.to(k.dtype), k, DOT_PREC) * sm_scale
             tl.atomic_add(DQ + tok64[:, None] * stride_dqt + head[:, None] * stride_dqh + d[None, :], dq,
                           mask=ev[:, None] & (d[None, :] < D), sem="relaxed")
         tl.atomic_add(DK_PTR + kn64[:, None] * stride_dkt + hk * stride_dkh + d[None, :], dk * sm_scale,
@@ -324,7 +318,7 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _block_n(k_block: int, cap: int) -> int:
-    return min(max(16, _pow2(k_block)), cap)
+    return min(max(16, pow2(k_block)), cap)
 
 
 def _pack_lse(lse_row: torch.Tensor, cu_q: torch.Tensor, tq_total: int) -> torch.Tensor:
@@ -352,7 +346,7 @@ def forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal
     chunk = max(FWD_BLOCK_M, ENTRY_CHUNK // FWD_BLOCK_M * FWD_BLOCK_M)
     ent = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub)
     tpad, s = ent.tpad, ent.s
-    bd, bdv = max(16, _pow2(d)), max(16, _pow2(dv))
+    bd, bdv = max(16, pow2(d)), max(16, pow2(dv))
     warps = FWD_WARPS or (8 if bn >= 128 else 4)
     prec = _prec(q.dtype)
     grid = (ent.wcell.numel(), n_sub)
@@ -409,7 +403,7 @@ def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block
             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
             dvv.stride(0), dvv.stride(1), lse.stride(0),
             ent.cells, nkb, hkv, hq, tpad, s, k_block, scale * LOG2E, scale,
-            D=d, DV=dv, BLOCK_D=max(16, _pow2(d)), BLOCK_DV=max(16, _pow2(dv)), BLOCK_M=bm, BLOCK_N=bn,
+            D=d, DV=dv, BLOCK_D=max(16, pow2(d)), BLOCK_DV=max(16, pow2(dv)), BLOCK_M=bm, BLOCK_N=bn,
             CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=_prec(q.dtype), num_warps=warps, num_stages=2,
         )
     cast = (lambda x, ref: x) if q.dtype == torch.float32 else (lambda x, ref: x.to(ref.dtype))
