@@ -63,3 +63,15 @@ def assert_close64(actual: torch.Tensor, oracle: torch.Tensor, name: str = "outp
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def config_override():
+    """Change attnkit settings for one test: `config_override(moba_gate_kernel=True)` (through
+    `attnkit.config.override`; each call stacks, all are undone after the test)."""
+    import contextlib
+
+    from attnkit import config
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(config.override(**changes))

@@ -9,7 +9,7 @@
 Tensors are sequence-first: q `[B, Tq, Hq, D]`, k `[B, Tk, Hkv, D]`, v `[B, Tk, Hkv, Dv]`.
 """
 
-from . import core, ops, registry
+from . import config, core, ops, registry
 from . import methods  # noqa: F401  (registers the softmax-family methods)
 from . import linear  # noqa: F401  (registers the linear / recurrent family)
 from . import kv, layers, models
@@ -20,7 +20,7 @@ from .registry import list_methods, register_selection
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttnkitError", "BackendError", "KVSelection", "OptionError", "__version__", "attention", "core", "explain",
+    "AttnkitError", "BackendError", "KVSelection", "OptionError", "__version__", "attention", "config", "core", "explain",
     "from_bhtd", "kv", "layers", "linear", "list_methods", "masks", "methods", "models", "ops", "register_selection",
     "registry", "to_bhtd",
 ]

@@ -104,6 +104,9 @@ class MethodSpec:
     # the nn.Module class that makes per-token tensor options from activations (NSA's gates, DSA's
     # indexer inputs); see `layers.method_inputs` for its interface
     inputs: Optional[type] = None
+    # named variants of the method's own paths for a call, `[(name, on, why)]` (an experimental
+    # kernel, a device-dependent one); `attnkit.explain` lists them
+    variants: Optional[Callable[[AttentionCall, Any], list[tuple[str, bool, str]]]] = None
 
     def backend(self, name: str) -> Backend:
         for b in self.backends:
@@ -151,6 +154,7 @@ def register_selection(
     inputs: Optional[type] = None,
     backends: Optional[tuple[Backend, ...]] = None,
     docs: Optional[str] = None,
+    variants: Optional[Callable[[AttentionCall, Any], list[tuple[str, bool, str]]]] = None,
 ) -> MethodSpec:
     """Register a mechanism whose visibility is a selection (or a static mask) run by the shared executors.
 
@@ -192,6 +196,7 @@ def register_selection(
             select=select,
             mask=mask,
             inputs=inputs,
+            variants=variants,
         )
     )
 
@@ -210,7 +215,10 @@ def choose_backend(spec: MethodSpec, call: AttentionCall, opts: Any, requested: 
     """Pick the backend for a call (`ops.dispatch.choose`); the Explanation lists every candidate's verdict."""
     if requested != "auto":
         spec.backend(requested)  # raises for unknown names
-    return choose(spec.name, spec.backends, call, opts, requested)
+    exp = choose(spec.name, spec.backends, call, opts, requested)
+    if spec.variants is not None:
+        exp.variants = list(spec.variants(call, opts))
+    return exp
 
 
 def check_capabilities(spec: MethodSpec, call: AttentionCall) -> None:

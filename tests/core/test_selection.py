@@ -47,3 +47,15 @@ def test_validation_errors(sel, match) -> None:
 
 def test_padding_repeats_are_not_duplicates() -> None:
     KVSelection(torch.tensor([[[[2, -1, -1]]]], dtype=torch.int32), 4, 1).validate(1, 1, 1, 4, 4)
+
+
+def test_selection_draws_itself_and_knows_its_density() -> None:
+    # 3 query blocks of 4 queries, key blocks of 4: block 0 everywhere, plus the diagonal
+    idx = torch.tensor([[[[0, -1], [0, 1], [0, 2]]]], dtype=torch.int32)
+    sel = KVSelection(idx, q_block=4, k_block=4)
+    text = str(sel)
+    assert text.splitlines()[1:] == ["#..", "##.", "#.#"], text
+    assert "q_block=4" in text.splitlines()[0]
+    # causal pairs: 4*5/2 + (4*4 + 4*5/2) + (8*4 + 4*5/2) = 10 + 26 + 42 = 78; visited: 10 + 26 + (16 + 10) = 62
+    assert abs(sel.density(12, 12) - 62 / 78) < 1e-12, sel.density(12, 12)
+    assert abs(sel.density(12, 12, causal=False) - (4 * 4 + 8 * 4 + 8 * 4) / 144) < 1e-12

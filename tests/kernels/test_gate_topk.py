@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import attnkit.methods._routing as routing
 import attnkit.methods.moba as moba
+from attnkit import config
 from attnkit.core.contract import validate_attention
 from attnkit.methods._routing import block_mean, seq_view
 
@@ -27,12 +27,11 @@ def small_tiles(kernel_device, monkeypatch):
 
 
 def _select(q, k, kernel: bool, monkeypatch, **kw):
-    monkeypatch.setenv(moba.GATE_KERNEL_ENV, "1")
-    monkeypatch.setattr(moba, "GATE_KERNEL_DEVICES", ("cuda", "cpu") if kernel else ())
     taken = []
     real = moba._gate_kernel
     monkeypatch.setattr(moba, "_gate_kernel", lambda *a: taken.append(real(*a)) or taken[-1])
-    sel = moba.select(q, k, **kw)
+    with config.override(moba_gate_kernel=True, moba_gate_devices=("cuda", "cpu") if kernel else ()):
+        sel = moba.select(q, k, **kw)
     assert (taken[-1] is not None) == kernel, "the kernel path was not taken as asked"
     return sel
 
@@ -49,11 +48,11 @@ CASES = {  # tq, tk, Hq, Hkv, block, topk, causal
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_kernel_selection_is_the_definition(kernel_device, monkeypatch, case, dtype):
+def test_kernel_selection_is_the_definition(kernel_device, monkeypatch, config_override, case, dtype):
     tq, tk, hq, hkv, block, topk, causal = CASES[case]
     q, k, _ = qkv(2, tq, tk, hq, hkv, D=16, dtype=dtype, seed=len(case))
     q, k = q.to(kernel_device), k.to(kernel_device)
-    monkeypatch.setattr(routing, "HALF_GEMM_DEVICES", ("cuda", "cpu"))  # bf16: the split-term gate
+    config_override(half_gemm_devices=("cuda", "cpu"))  # bf16: the split-term gate
     got = _select(q, k, True, monkeypatch, block_size=block, topk=topk, causal=causal)
     want = _select(q, k, False, monkeypatch, block_size=block, topk=topk, causal=causal)
     assert got.indices.dtype == torch.int32 and got.indices.shape == want.indices.shape
@@ -87,18 +86,18 @@ def test_kernel_orders_by_gate_and_breaks_ties_by_index(kernel_device):
     assert idx.flatten().tolist() == [5, 4, 1, 2]  # gates 3.0, 2.0, then the tie 0.5 / 0.5 -> block 2
 
 
-def test_kernel_is_opt_in_and_falls_back_past_max_topk(kernel_device, monkeypatch):
-    monkeypatch.setattr(moba, "GATE_KERNEL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.delenv(moba.GATE_KERNEL_ENV, raising=False)
+def test_kernel_is_opt_in_and_falls_back_past_max_topk(kernel_device, config_override):
+    config_override(moba_gate_devices=("cuda", "cpu"))
+    assert config.from_env({}).moba_gate_kernel is False
     assert moba._gate_kernel(torch.device(kernel_device), torch.float32, 4) is None  # off by default
-    monkeypatch.setenv(moba.GATE_KERNEL_ENV, "1")
+    config_override(moba_gate_kernel=True)
     from attnkit import kernels
 
     mod = kernels.load_module("selection.gate_topk")
     assert moba._gate_kernel(torch.device(kernel_device), torch.float32, mod.MAX_TOPK) is mod
     assert moba._gate_kernel(torch.device(kernel_device), torch.float32, mod.MAX_TOPK + 1) is None
     assert moba._gate_kernel(torch.device(kernel_device), torch.float64, 4) is None
-    monkeypatch.setenv(moba.GATE_KERNEL_ENV, "0")
+    config_override(moba_gate_kernel=False)
     assert moba._gate_kernel(torch.device(kernel_device), torch.float32, 4) is None
 
 

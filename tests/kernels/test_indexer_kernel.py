@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit import kernels
+from attnkit import config, kernels
 from attnkit.core.contract import validate_attention
 from attnkit.methods import dsa
 from attnkit.methods._routing import seq_view
@@ -31,13 +31,13 @@ def _tiles(kernel_device, tq, tk, causal, dtype, cu=None, hi=3, di=24, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tq,tk,rows,cols", [(70, 70, (0, 70), (0, 70)), (37, 150, (5, 37), (17, 150)),
                                              (130, 130, (64, 130), (0, 129))])
-def test_kernel_tile_equals_pytorch_tile(kernel_device, monkeypatch, causal, dtype, tq, tk, rows, cols):
+def test_kernel_tile_equals_pytorch_tile(kernel_device, causal, dtype, tq, tk, rows, cols):
     ind, view = _tiles(kernel_device, tq, tk, causal, dtype)
-    monkeypatch.setattr(dsa, "INDEXER_KERNEL_DEVICES", ())
-    torch_tiles = dsa._Indexer(view, **ind)
+    with config.override(dsa_indexer_devices=()):
+        torch_tiles = dsa._Indexer(view, **ind)
     assert torch_tiles.kernel is None
-    monkeypatch.setattr(dsa, "INDEXER_KERNEL_DEVICES", ("cuda", "cpu"))
-    fused = dsa._Indexer(view, **ind)
+    with config.override(dsa_indexer_devices=("cuda", "cpu")):
+        fused = dsa._Indexer(view, **ind)
     assert fused.kernel is not None, "the kernel path was not taken"
     r, c = slice(*rows), slice(*cols)
     want, got = torch_tiles(r, c), fused(r, c)
@@ -47,21 +47,21 @@ def test_kernel_tile_equals_pytorch_tile(kernel_device, monkeypatch, causal, dty
     torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_tile_varlen_masks_each_sequence(kernel_device, monkeypatch):
+def test_kernel_tile_varlen_masks_each_sequence(kernel_device):
     cu = torch.tensor([0, 50, 77, 140], dtype=torch.int32, device=kernel_device)
     ind, view = _tiles(kernel_device, 140, 140, True, torch.float32, cu=cu)
-    monkeypatch.setattr(dsa, "INDEXER_KERNEL_DEVICES", ())
-    want = dsa._Indexer(view, **ind)(slice(0, view.tq), slice(0, view.tk))
-    monkeypatch.setattr(dsa, "INDEXER_KERNEL_DEVICES", ("cuda", "cpu"))
-    got = dsa._Indexer(view, **ind)(slice(0, view.tq), slice(0, view.tk))
+    with config.override(dsa_indexer_devices=()):
+        want = dsa._Indexer(view, **ind)(slice(0, view.tq), slice(0, view.tk))
+    with config.override(dsa_indexer_devices=("cuda", "cpu")):
+        got = dsa._Indexer(view, **ind)(slice(0, view.tq), slice(0, view.tk))
     assert torch.equal(torch.isneginf(got), torch.isneginf(want))
     fin = torch.isfinite(want)
     torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_selection_through_the_kernel_is_the_top_k(kernel_device, monkeypatch, causal):
-    monkeypatch.setattr(dsa, "INDEXER_KERNEL_DEVICES", ("cuda", "cpu"))
+def test_selection_through_the_kernel_is_the_top_k(kernel_device, config_override, causal):
+    config_override(dsa_indexer_devices=("cuda", "cpu"))
     tq, tk, topk = 45, 75, 11
     q, k, _ = qkv(2, tq, tk, 2, 1, D=8, dtype=torch.float32)
     ind = indexer_inputs(2, tq, tk, hi=3, di=16, dtype=torch.float32, seed=5)

@@ -50,21 +50,21 @@ def stats(kernel_device):
 
 
 @pytest.mark.parametrize("case", sorted(TINY))
-def test_keymajor_tiny(case, kernel_device, stats, monkeypatch):
-    monkeypatch.delenv("ATTNKIT_SPARSE_KEYMAJOR", raising=False)
+def test_keymajor_tiny(case, kernel_device, stats, monkeypatch, config_override):
+    config_override(sparse_keymajor=True)
     kw = dict(TINY[case])
     kw.setdefault("q_block", 1)
     check_sparse(device=kernel_device, **kw)
     assert stats() == {"fwd": 1, "bwd": 1}
 
 
-def test_keymajor_chunks_and_key_subtiles(kernel_device, stats, monkeypatch):
+def test_keymajor_chunks_and_key_subtiles(kernel_device, stats, monkeypatch, config_override):
     """Small launch knobs: a cell's entries span several programs and several BLOCK_M steps, and a
     key block (k_block 24 / 40) spans several key tiles."""
     from attnkit import kernels
 
     km = kernels.load().keymajor
-    monkeypatch.delenv("ATTNKIT_SPARSE_KEYMAJOR", raising=False)
+    config_override(sparse_keymajor=True)
     for name, val in (("ENTRY_CHUNK", 32), ("FWD_BLOCK_M", 16), ("BWD_BLOCK_M", 16), ("FWD_MAX_BLOCK_N", 16),
                       ("BWD_MAX_BLOCK_N", 16)):
         monkeypatch.setattr(km, name, val)
@@ -74,9 +74,9 @@ def test_keymajor_chunks_and_key_subtiles(kernel_device, stats, monkeypatch):
     assert stats() == {"fwd": 2, "bwd": 2}
 
 
-def test_keymajor_all_rows_empty(kernel_device, stats, monkeypatch):
+def test_keymajor_all_rows_empty(kernel_device, stats, monkeypatch, config_override):
     """A per-head selection with no key at all: out 0, lse -inf, zero gradients."""
-    monkeypatch.delenv("ATTNKIT_SPARSE_KEYMAJOR", raising=False)
+    config_override(sparse_keymajor=True)
     q = torch.randn(1, 20, 2, 16, device=kernel_device, requires_grad=True)
     k = torch.randn(1, 20, 1, 16, device=kernel_device, requires_grad=True)
     v = torch.randn(1, 20, 1, 16, device=kernel_device, requires_grad=True)
@@ -89,11 +89,11 @@ def test_keymajor_all_rows_empty(kernel_device, stats, monkeypatch):
     assert stats() == {"fwd": 1, "bwd": 1}
 
 
-def test_uses_keymajor(kernel_device, monkeypatch):
+def test_uses_keymajor(kernel_device, monkeypatch, config_override):
     from attnkit import kernels
 
     km = kernels.load().keymajor
-    monkeypatch.delenv("ATTNKIT_SPARSE_KEYMAJOR", raising=False)
+    config_override(sparse_keymajor=True)
     # MoBA: one selection row per query head
     assert km.uses_keymajor(64, 4, 64, 1, 64)
     assert km.uses_keymajor(16, 1, 16, 1, 16)
@@ -106,19 +106,19 @@ def test_uses_keymajor(kernel_device, monkeypatch):
     assert not km.uses_keymajor(8, 8, 8, 64, 64)
     assert not km.uses_keymajor(8, 8, 8, 1, 1)
     assert not km.uses_keymajor(8, 8, 8, 1, 8)
-    monkeypatch.setenv("ATTNKIT_SPARSE_KEYMAJOR", "0")
+    config_override(sparse_keymajor=False)
     assert not km.uses_keymajor(64, 4, 64, 1, 64)
 
 
-def test_path_taken(kernel_device, stats, monkeypatch):
+def test_path_taken(kernel_device, stats, monkeypatch, config_override):
     """Hsel == Hq runs key-major; Hsel == Hkv with a group of 8 does not; the env switch turns it off."""
-    monkeypatch.delenv("ATTNKIT_SPARSE_KEYMAJOR", raising=False)
+    config_override(sparse_keymajor=True)
     kw = dict(Tq=9, Tk=9, Hkv=1, D=16, q_block=1, k_block=16, width=1)
     check_sparse(device=kernel_device, Hq=8, Hsel=1, **kw)
     assert stats() == {"fwd": 0, "bwd": 0}
     check_sparse(device=kernel_device, Hq=2, Hsel=2, **kw)
     assert stats() == {"fwd": 1, "bwd": 1}
-    monkeypatch.setenv("ATTNKIT_SPARSE_KEYMAJOR", "0")
+    config_override(sparse_keymajor=False)
     check_sparse(device=kernel_device, Hq=2, Hsel=2, **kw)
     assert stats() == {"fwd": 1, "bwd": 1}
 
@@ -137,16 +137,16 @@ GPU_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-def test_keymajor_gpu(case, gpu, stats, monkeypatch):
-    monkeypatch.delenv("ATTNKIT_SPARSE_KEYMAJOR", raising=False)
+def test_keymajor_gpu(case, gpu, stats, monkeypatch, config_override):
+    config_override(sparse_keymajor=True)
     check_sparse(device=gpu, chunk=256, **GPU_CASES[case])
     assert stats() == {"fwd": 1, "bwd": 1}
 
 
 @pytest.mark.gpu
-def test_keymajor_moba_selection_gpu(gpu, stats, monkeypatch):
+def test_keymajor_moba_selection_gpu(gpu, stats, monkeypatch, config_override):
     """MoBA's own selection (`methods.moba.select`) through the key-major kernels vs the reference."""
-    monkeypatch.delenv("ATTNKIT_SPARSE_KEYMAJOR", raising=False)
+    config_override(sparse_keymajor=True)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4096, h, 128, generator=g).to(gpu, torch.bfloat16) for h in (16, 2, 2))
     sel = ak.methods.moba.select(q, k, block_size=64, topk=8)

@@ -12,33 +12,35 @@ import pytest
 import torch
 
 import attnkit.linear.chunk as chunk
+from attnkit import config
 from tests.conftest import assert_close64
 
 from .cases import grad_keys, make_inputs, run
 
 
 @pytest.fixture
-def compile_on_cpu(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(chunk, "COMPILE_DEVICES", ("cpu", "cuda"))
+def compile_on_cpu(monkeypatch: pytest.MonkeyPatch, config_override):  # type: ignore[no-untyped-def]
+    config_override(linear_compile_devices=("cpu", "cuda"))
     monkeypatch.setattr(chunk, "_compiled", {})
     monkeypatch.setattr(chunk, "_compile_failed", set())
-    yield monkeypatch
+    yield config_override
     torch._dynamo.reset()
 
 
-def test_eager_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eager_unless_asked(config_override) -> None:
     q = torch.zeros(1, 2, 1, 4)
-    monkeypatch.delenv(chunk.COMPILE_ENV, raising=False)
+    assert config.from_env({}).linear_compile == ""
+    config_override(linear_compile="")
     assert chunk.engine_for(q) is chunk.chunk_forward
-    monkeypatch.setenv(chunk.COMPILE_ENV, "0")
+    config_override(linear_compile="0")
     assert chunk.engine_for(q) is chunk.chunk_forward
-    monkeypatch.setenv(chunk.COMPILE_ENV, "1")
+    config_override(linear_compile="1")
     assert chunk.engine_for(q) is chunk.chunk_forward  # CPU tensors: never compiled
 
 
 @pytest.mark.parametrize("name", ["gla", "kda"])
-def test_compiled_engine_equals_recurrent(compile_on_cpu: pytest.MonkeyPatch, name: str) -> None:
-    compile_on_cpu.setenv(chunk.COMPILE_ENV, "aot_eager")
+def test_compiled_engine_equals_recurrent(compile_on_cpu, name: str) -> None:
+    compile_on_cpu(linear_compile="aot_eager")
     x = make_inputs(name, B=1, T=40, H=2, K=4, V=3, requires_grad=True)
     keys = grad_keys(x)
     o_ref, s_ref = run(name, x, backend="reference")
@@ -52,8 +54,8 @@ def test_compiled_engine_equals_recurrent(compile_on_cpu: pytest.MonkeyPatch, na
         assert_close64(a, b, f"{name} compiled d{key}", rtol=1e-8)
 
 
-def test_compile_failure_falls_back_to_eager(compile_on_cpu: pytest.MonkeyPatch) -> None:
-    compile_on_cpu.setenv(chunk.COMPILE_ENV, "no_such_backend")
+def test_compile_failure_falls_back_to_eager(compile_on_cpu) -> None:
+    compile_on_cpu(linear_compile="no_such_backend")
     x = make_inputs("simple_gla", B=1, T=20, H=1, K=4, V=3)
     o_ref, s_ref = run("simple_gla", x, backend="reference")
     with pytest.warns(RuntimeWarning, match="no_such_backend"):

@@ -82,15 +82,14 @@ def test_no_gradient_through_the_selection():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_split_half_gate_gemm_selects_as_float32(monkeypatch, causal):
+def test_split_half_gate_gemm_selects_as_float32(config_override, causal):
     """The CUDA path's gate GEMM (half q, block means split into three half terms) is the float32
     score: forced onto the CPU here, it selects what the float32 path selects."""
-    import attnkit.methods._routing as routing
     import attnkit.methods.moba as moba
 
     q, k, _ = qkv(2, 45, 70, 8, 2, D=16, dtype=torch.bfloat16, seed=3)
     plain = moba.select(q, k, block_size=8, topk=4, causal=causal)
-    monkeypatch.setattr(routing, "HALF_GEMM_DEVICES", ("cuda", "cpu"))
+    config_override(half_gemm_devices=("cuda", "cpu"))
     split = moba.select(q, k, block_size=8, topk=4, causal=causal)
     assert torch.equal(plain.indices, split.indices)
     assert rows_as_sets(split.indices) == brute_force(q, k, 8, 4, causal)

@@ -300,14 +300,14 @@ def test_selection_in_small_tiles_matches_definition(causal, monkeypatch):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("small_tiles", [False, True])
-def test_bf16_gemm_path_selects_as_float32(causal, small_tiles, monkeypatch):
+def test_bf16_gemm_path_selects_as_float32(causal, small_tiles, monkeypatch, config_override):
     """The CUDA path's score GEMM (bf16 q and compressed keys, scale and -lse in one pass after it),
     forced onto the CPU: the same blocks as the float32 path, fused and multi-tile."""
     q, k, _ = qkv(2, 70, 90, 8, 2, D=16, dtype=torch.bfloat16, seed=4)
     if small_tiles:
         monkeypatch.setattr(nsa, "tile_sizes", lambda *args, **kw: (16, 7))
     plain = nsa.select(q, k, block_size=8, topk=4, causal=causal)
-    monkeypatch.setattr(ak.methods._routing, "HALF_GEMM_DEVICES", ("cuda", "cpu"))
+    config_override(half_gemm_devices=("cuda", "cpu"))
     half = nsa.select(q, k, block_size=8, topk=4, causal=causal)
     assert rows_as_sets(half.indices) == rows_as_sets(plain.indices)
     call = ak.core.contract.validate_attention(q, k, k, causal=causal)

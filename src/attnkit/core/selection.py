@@ -15,6 +15,7 @@ packed run equals per-sequence runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -42,6 +43,48 @@ class KVSelection:
     @property
     def width(self) -> int:
         return self.indices.shape[3]
+
+    def density(self, tq: int, tk: int, *, causal: bool = True, cu_seqlens: Optional[torch.Tensor] = None) -> float:
+        """Fraction of the causally visible (query, key) pairs the selection visits, averaged over
+        heads; `tq`, `tk` are the query and key lengths (under varlen `cu_seqlens` gives them per
+        sequence). 1.0 for a selection of every block; O(Tq * S) work."""
+        dev = self.indices.device
+        if cu_seqlens is not None:
+            cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+            lens = cu[1:] - cu[:-1]
+            longest = int(lens.max())
+            self.validate(lens.numel(), self.num_heads, self.num_heads, longest, longest)
+            visited, pairs = _visible_counts(self, longest, lens, lens, 0, causal)
+        else:
+            B = self.indices.shape[0]
+            self.validate(B, self.num_heads, self.num_heads, tq, tk)
+            lens_k = torch.full((B,), tk, dtype=torch.int64, device=dev)
+            lens_q = torch.full((B,), tq, dtype=torch.int64, device=dev)
+            visited, pairs = _visible_counts(self, tq, lens_k, lens_q, tk - tq, causal)
+        return float(visited / pairs) if float(pairs) > 0 else 0.0
+
+    def to_string(self, batch: int = 0, head: int = 0, max_rows: int = 32, max_cols: int = 64) -> str:
+        """A picture of one (batch, head)'s block selection: a row per query block, a column per key
+        block, `#` selected, `.` not (the causal rule is not drawn); large selections are cut."""
+        B, H, nq, S = self.indices.shape
+        idx = self.indices[batch, head].to("cpu", torch.int64)  # [Nq, S]
+        nk = int(idx.max()) + 1 if idx.numel() and int(idx.max()) >= 0 else 0
+        rows, cols = min(nq, max_rows), min(nk, max_cols)
+        head_line = (f"KVSelection(B={B}, Hsel={H}, Nq={nq}, S={S}, q_block={self.q_block}, "
+                     f"k_block={self.k_block}): batch {batch}, head {head}, key blocks 0..{max(nk - 1, 0)}")
+        lines = [head_line]
+        if rows and cols:
+            grid = torch.zeros(rows, cols + 1, dtype=torch.bool)
+            part = idx[:rows]
+            grid.scatter_(1, torch.where((part < 0) | (part >= cols), cols, part), True)
+            for r in range(rows):
+                lines.append("".join("#" if v else "." for v in grid[r, :cols].tolist()) + (" ..." if nk > cols else ""))
+        if nq > rows:
+            lines.append(f"... ({nq - rows} more query blocks)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_string()
 
     def head_map(self, hq: int, hkv: int) -> torch.Tensor:
         """Selection head serving each query head: `[Hq]` int64."""
@@ -117,3 +160,31 @@ class KVSelection:
         order = key.sort(dim=-1).values[..., :width]
         idx = torch.where(order < nk, order, torch.full_like(order, -1))
         return KVSelection(idx.to(torch.int32).contiguous(), q_block, k_block)
+
+
+def _visible_counts(selection: KVSelection, tq: int, k_len: torch.Tensor, q_len: torch.Tensor, offset: int,
+                    causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(visited, causal_pairs)` float64 sums over the selection's batch, heads and queries.
+
+    Query row i of sequence n (i < q_len[n]) sits at key position i + offset; keys are < k_len[n]."""
+    idx = selection.indices.to(torch.int64)  # [N, H, Nq, S]
+    N, H = idx.shape[:2]
+    dev = idx.device
+    kb, qb = selection.k_block, selection.q_block
+    visited = torch.zeros((), dtype=torch.float64, device=dev)
+    pairs = torch.zeros((), dtype=torch.float64, device=dev)
+    chunk = max(1, (1 << 22) // max(1, N * H * max(1, idx.shape[-1])))
+    klen = k_len.view(N, 1, 1, 1)
+    for i0 in range(0, tq, chunk):
+        i = torch.arange(i0, min(i0 + chunk, tq), device=dev)
+        q_ok = (i.view(1, -1) < q_len.view(-1, 1)).view(N, 1, -1, 1)  # [N, 1, C, 1]
+        p = (i + offset).view(1, 1, -1, 1)
+        m = idx[:, :, i // qb]  # [N, H, C, S]
+        end = torch.minimum((m + 1) * kb, klen)
+        if causal:
+            end = torch.minimum(end, p + 1)
+        n_vis = (end - m * kb).clamp_min(0) * (m >= 0)
+        visited += (n_vis * q_ok).sum(dtype=torch.float64)
+        reach = torch.minimum(p + 1, klen) if causal else klen.expand(N, 1, p.shape[2], 1)
+        pairs += (reach.clamp_min(0) * q_ok).sum(dtype=torch.float64) * H
+    return visited, pairs

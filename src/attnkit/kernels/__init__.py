@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import TYPE_CHECKING, Iterator, Optional
 
+from .. import config
+
 if TYPE_CHECKING:
     import torch
 
@@ -39,7 +41,7 @@ def load() -> ModuleType:
         reason = triton_missing()
         if reason:
             raise RuntimeError(reason)
-        _STATE["interpreted"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        _STATE["interpreted"] = config.triton_interpret()
         mod = importlib.import_module(".sparse", __name__)
         _STATE["sparse"] = mod
     return mod  # type: ignore[return-value]
@@ -99,6 +101,6 @@ def device_ok(device_type: str) -> Optional[str]:
         return reason
     if device_type == "cuda":
         return "kernels were loaded for the CPU interpreter (TRITON_INTERPRET=1)" if interpreted() else None
-    if device_type == "cpu" and (interpreted() or (not loaded() and os.environ.get("TRITON_INTERPRET") == "1")):
+    if device_type == "cpu" and (interpreted() or (not loaded() and config.triton_interpret())):
         return None
     return f"needs CUDA tensors (inputs are on {device_type}; TRITON_INTERPRET=1 runs the kernels on the CPU)"

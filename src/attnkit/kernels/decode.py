@@ -17,13 +17,13 @@ Offsets into the pools are int64. Softmax in base 2 with fp32 accumulation.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import config
 from ..core.selection import KVSelection
 from .jit import pow2
 
@@ -31,11 +31,11 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Under Triton's CPU interpreter bf16 dot operands are mishandled (see kernels/jit.py):
 # there every dot runs on fp32 copies, which is what tensor cores compute on the GPU.
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+INTERPRETED = tl.constexpr(config.triton_interpret())
 
 
 # Warps and pipelining by measurement; one config under the interpreter (it cannot time).
-_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2)] if os.environ.get("TRITON_INTERPRET", "0") == "1" \
+_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2)] if config.triton_interpret() \
     else [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3, 4)]
 
 
@@ -136,7 +136,7 @@ def _decode_split_kernel(
 def _block_n(mode: int, page: int) -> int:
     """Keys per tile: 64 gathered slots (MODE 2), or whole pages filling at least 64 slots
     (`ATTNKIT_DECODE_BLOCK_N` overrides the 64, for measuring)."""
-    base = int(os.environ.get("ATTNKIT_DECODE_BLOCK_N", "64"))
+    base = config.get().decode_block_n
     return base if mode == 2 else max(base, pow2(page, 16))
 
 
@@ -162,9 +162,9 @@ def default_splits(rows: int, iters: int) -> int:
     """Enough programs to keep an H100's memory system busy (~8 per SM: at B = 8, Hkv = 8 and
     T = 128K, 16-32 splits read at 0.80-0.85 of cuDNN's bandwidth where 9 read at 0.73; see
     results/decode_h100.json) without splits of under 4 iterations."""
-    env = os.environ.get("ATTNKIT_DECODE_SPLITS")
-    if env:
-        return max(1, int(env))
+    splits = config.get().decode_splits
+    if splits:
+        return splits
     return max(1, min(triton.cdiv(iters, 4), triton.cdiv(1056, rows)))
 
 

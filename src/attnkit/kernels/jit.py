@@ -10,18 +10,18 @@ under the interpreter even when something imported Triton before them).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .. import config
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as their raw uint16 storage (seen
 # with Triton 3.9), so under the interpreter every dot runs on fp32 copies of its operands: the
 # same products and fp32 accumulation that the GPU's tensor cores give.
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+INTERPRETED = tl.constexpr(config.triton_interpret())
 
 
 @triton.jit

@@ -63,13 +63,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .. import config
 from .common import compute_dtype
 
 
@@ -461,8 +461,6 @@ def chunk_forward(
 
 # --- torch.compile (opt-in) -------------------------------------------------------------------
 
-COMPILE_ENV = "ATTNKIT_LINEAR_COMPILE"
-COMPILE_DEVICES = ("cuda",)  # tests widen this to run the compiled path on CPU explicitly
 _compiled: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
 _compile_failed: set[str] = set()
 
@@ -473,8 +471,9 @@ def engine_for(x: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tenso
     and x is on CUDA. Eager fusion is what the engine lacks on a GPU (many small elementwise
     kernels); dynamo caches one graph per shape. Falls back to eager, with one warning, if
     compiling fails."""
-    choice = os.environ.get(COMPILE_ENV, "")
-    if choice in ("", "0") or x.device.type not in COMPILE_DEVICES:
+    settings = config.get()
+    choice = settings.linear_compile
+    if choice in ("", "0") or x.device.type not in settings.linear_compile_devices:
         return chunk_forward
     backend = "inductor" if choice == "1" else choice
     if backend in _compile_failed:

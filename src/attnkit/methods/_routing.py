@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .. import config
 from ..core.checks import check_int, check_tensor_shape, check_tensor_type  # noqa: F401  (the methods' checks)
 from ..core.contract import AttentionCall
 from ..core.selection import cdiv
@@ -27,12 +28,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 _HALF = (torch.float16, torch.bfloat16)
 _out_dtype_bmm_ok = True
-HALF_GEMM_DEVICES = ("cuda",)  # where selection GEMMs keep half operands (tests add "cpu" to check those paths)
 
 
 def half_gemm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a selection's score GEMM should keep `dtype` operands on `device` (see `bmm_f32`)."""
-    return device.type in HALF_GEMM_DEVICES and dtype in _HALF
+    return device.type in config.get().half_gemm_devices and dtype in _HALF
 
 
 def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..core.contract import AttentionCall
-from ..ops._backends import run_reference, run_sdpa, sdpa_why_not
+from ..ops.executors import run_reference, run_sdpa, sdpa_why_not
 from ..registry import Backend, Capabilities, MethodOptions, MethodSpec, register
 
 

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from .. import config
 from ..core.checks import check_int, check_tensor_shape, check_tensor_type
 from ..core.contract import AttentionCall, AttnkitError, OptionError, validate_attention
 from ..core.selection import KVSelection
@@ -53,7 +54,6 @@ class DsaOptions(MethodOptions):
         check_tensor_shape("w", self.w, (call.batch, call.tq, hi), "[B, Tq, Hi]", call)
 
 
-INDEXER_KERNEL_DEVICES = ("cuda",)  # where the fused Triton indexer runs (tests add "cpu" under the interpreter)
 MAX_KERNEL_INDEX_DIM = 256
 
 
@@ -63,7 +63,23 @@ def _indexer_kernel(device: torch.device, index_dim: int, dtype: torch.dtype) ->
 
     if index_dim > MAX_KERNEL_INDEX_DIM or dtype == torch.float64:
         return None
-    return kernels.module_for("selection.indexer", device, INDEXER_KERNEL_DEVICES)
+    return kernels.module_for("selection.indexer", device, config.get().dsa_indexer_devices)
+
+
+def _variants(call: AttentionCall, opts: Any) -> list[tuple[str, bool, str]]:
+    """The fused indexer kernel as a named variant of DSA's selection (what `_indexer_kernel` decides,
+    without loading the kernels)."""
+    from .. import kernels
+
+    devices = config.get().dsa_indexer_devices
+    if call.dtype == torch.float64:
+        return [("indexer_kernel", False, "no float64")]
+    if opts.q_idx.shape[-1] > MAX_KERNEL_INDEX_DIM:
+        return [("indexer_kernel", False, f"index dim {opts.q_idx.shape[-1]} > {MAX_KERNEL_INDEX_DIM}")]
+    if call.device.type not in devices:
+        return [("indexer_kernel", False, f"runs on {'/'.join(devices) or 'no device'}, inputs are on {call.device.type}")]
+    reason = kernels.device_ok(call.device.type)
+    return [("indexer_kernel", reason is None, reason or "fused indexer-score Triton kernel")]
 
 
 class _Indexer:
@@ -276,4 +292,5 @@ SPEC = register_selection(
     select=policy,
     example=_example,
     inputs=DSAIndexer,
+    variants=_variants,
 )

@@ -12,12 +12,12 @@ Selection: `KVSelection(indices [B, Hq, Tq, min(topk, Nk)], q_block=1, k_block=b
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from .. import config
 from ..core.checks import check_int
 from ..core.contract import AttentionCall, validate_attention
 from ..core.selection import KVSelection, cdiv
@@ -26,10 +26,9 @@ from ..registry import MethodOptions, register_selection
 from ._routing import block_mean, bmm_f32, compact_rows, compute_dtype, half_gemm, seq_view, split_half
 
 
-GATE_KERNEL_DEVICES = ("cuda",)  # where the fused gate + top-k kernel may run (tests add "cpu" under the interpreter)
-# Opt-in until it has run on a GPU: the kernel passes its tests in Triton's CPU interpreter, but no
-# GPU was available to compile, check and time it (tests/kernels/test_gate_topk.py has the GPU test).
-GATE_KERNEL_ENV = "ATTNKIT_MOBA_GATE_KERNEL"  # "1": the fused kernel where it can serve; else the PyTorch tiles
+# The fused gate + top-k kernel is an opt-in variant (config `moba_gate_kernel`,
+# ATTNKIT_MOBA_GATE_KERNEL=1) until it has run on a GPU: it passes its tests in Triton's CPU
+# interpreter (tests/kernels/test_gate_topk.py has the GPU test). `attnkit.explain` shows it.
 
 
 def _gate_kernel(device: torch.device, dtype: torch.dtype, topk: int) -> Any:
@@ -37,10 +36,30 @@ def _gate_kernel(device: torch.device, dtype: torch.dtype, topk: int) -> Any:
     (PyTorch tiles)."""
     from .. import kernels
 
-    if os.environ.get(GATE_KERNEL_ENV, "0") != "1" or dtype == torch.float64:
+    settings = config.get()
+    if not settings.moba_gate_kernel or dtype == torch.float64:
         return None
-    mod = kernels.module_for("selection.gate_topk", device, GATE_KERNEL_DEVICES)
+    mod = kernels.module_for("selection.gate_topk", device, settings.moba_gate_devices)
     return mod if mod is not None and topk <= mod.MAX_TOPK else None
+
+
+def _variants(call: AttentionCall, opts: "MobaOptions") -> list[tuple[str, bool, str]]:
+    """The fused gate kernel as a named variant of MoBA's selection (what `_gate_kernel` decides,
+    without loading the kernels)."""
+    from .. import kernels
+
+    settings = config.get()
+    if not settings.moba_gate_kernel:
+        return [("gate_kernel", False, "opt-in: ATTNKIT_MOBA_GATE_KERNEL=1 or config.override(moba_gate_kernel=True)")]
+    if call.dtype == torch.float64:
+        return [("gate_kernel", False, "no float64")]
+    if call.device.type not in settings.moba_gate_devices:
+        return [("gate_kernel", False, f"runs on {'/'.join(settings.moba_gate_devices) or 'no device'}, "
+                                        f"inputs are on {call.device.type}")]
+    reason = kernels.device_ok(call.device.type)
+    if reason:
+        return [("gate_kernel", False, reason)]
+    return [("gate_kernel", True, "fused gate + top-k Triton kernel (PyTorch tiles past its maximum topk)")]
 
 
 @dataclass(frozen=True)
@@ -137,4 +156,5 @@ SPEC = register_selection(
     options=MobaOptions,
     select=policy,
     example=_example,
+    variants=_variants,
 )

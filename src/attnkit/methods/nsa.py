@@ -33,8 +33,8 @@ from ..core import masks
 from ..core.contract import AttentionCall, OptionError, validate_attention
 from ..core.masks import Mask
 from ..core.reference import blockwise_attention
-from ..ops._flex import cached_block_mask, flex_attention_lse, flex_why_not_mask, prefix_block_mask, run_flex_mask
-from ..ops._triton import run_triton, triton_why_not
+from ..ops.executors import (cached_block_mask, flex_attention_lse, flex_why_not_mask, prefix_block_mask, run_flex_mask,
+                             run_triton, triton_why_not)
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import Backend, Capabilities, MethodOptions, register_selection

@@ -20,34 +20,6 @@ from ..core.selection import KVSelection
 from ..ops.sparse import validate_selection
 
 
-def _visible_counts(selection: KVSelection, tq: int, k_len: torch.Tensor, q_len: torch.Tensor, offset: int,
-                    causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(visited, causal_pairs)` float64 sums over the selection's batch, heads and queries.
-
-    Query row i of sequence n (i < q_len[n]) sits at key position i + offset; keys are < k_len[n]."""
-    idx = selection.indices.to(torch.int64)  # [N, H, Nq, S]
-    N, H = idx.shape[:2]
-    dev = idx.device
-    kb, qb = selection.k_block, selection.q_block
-    visited = torch.zeros((), dtype=torch.float64, device=dev)
-    pairs = torch.zeros((), dtype=torch.float64, device=dev)
-    chunk = max(1, (1 << 22) // max(1, N * H * max(1, idx.shape[-1])))
-    klen = k_len.view(N, 1, 1, 1)
-    for i0 in range(0, tq, chunk):
-        i = torch.arange(i0, min(i0 + chunk, tq), device=dev)
-        q_ok = (i.view(1, -1) < q_len.view(-1, 1)).view(N, 1, -1, 1)  # [N, 1, C, 1]
-        p = (i + offset).view(1, 1, -1, 1)
-        m = idx[:, :, i // qb]  # [N, H, C, S]
-        end = torch.minimum((m + 1) * kb, klen)
-        if causal:
-            end = torch.minimum(end, p + 1)
-        n_vis = (end - m * kb).clamp_min(0) * (m >= 0)
-        visited += (n_vis * q_ok).sum(dtype=torch.float64)
-        reach = torch.minimum(p + 1, klen) if causal else klen.expand(N, 1, p.shape[2], 1)
-        pairs += (reach.clamp_min(0) * q_ok).sum(dtype=torch.float64) * H
-    return visited, pairs
-
-
 def density(selection: KVSelection, tq: int, tk: int, *, causal: bool = True,
             cu_seqlens: Optional[torch.Tensor] = None) -> float:
     """Fraction of the causally visible (query, key) pairs that `selection` visits, averaged over
@@ -55,20 +27,7 @@ def density(selection: KVSelection, tq: int, tk: int, *, causal: bool = True,
     key lengths (ignored under varlen, where `cu_seqlens` gives the per-sequence lengths)."""
     if not isinstance(selection, KVSelection):
         raise AttnkitError(f"selection: expected an attnkit KVSelection, got {type(selection).__name__}")
-    dev = selection.indices.device
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=dev, dtype=torch.int64)
-        lens = cu[1:] - cu[:-1]
-        longest = int(lens.max())
-        selection.validate(lens.numel(), selection.num_heads, selection.num_heads, longest, longest)
-        visited, pairs = _visible_counts(selection, longest, lens, lens, 0, causal)
-    else:
-        B = selection.indices.shape[0]
-        selection.validate(B, selection.num_heads, selection.num_heads, tq, tk)
-        lens_k = torch.full((B,), tk, dtype=torch.int64, device=dev)
-        lens_q = torch.full((B,), tq, dtype=torch.int64, device=dev)
-        visited, pairs = _visible_counts(selection, tq, lens_k, lens_q, tk - tq, causal)
-    return float(visited / pairs) if float(pairs) > 0 else 0.0
+    return selection.density(tq, tk, causal=causal, cu_seqlens=cu_seqlens)
 
 
 def recall(q: torch.Tensor, k: torch.Tensor, selection: KVSelection, *, causal: bool = True,

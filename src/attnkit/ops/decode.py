@@ -15,23 +15,25 @@ under `TRITON_INTERPRET=1` when requested explicitly).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .. import config
 from ..core.contract import AttnkitError, check_tensor
 from ..core.selection import KVSelection
 
 BACKENDS = ("triton", "sdpa", "reference")
 
 
-def _check(q: object, cache: Any, selection: Optional[KVSelection], scale: Optional[float]) -> float:
-    from ..kv.paged import PagedLayerCache  # kv imports ops; keep this edge lazy
+# what the op reads of a cache (`kv.PagedLayerCache` has it; ops sit below kv and do not import it)
+CACHE_API = ("batch", "head_dim", "num_heads", "page_size", "capacity", "seen", "device", "dtype", "logical")
 
+
+def _check(q: object, cache: Any, selection: Optional[KVSelection], scale: Optional[float]) -> float:
     q = check_tensor("q", q, 4, "[B, Tq, Hq, D]")
-    if not isinstance(cache, PagedLayerCache):
+    if isinstance(cache, type) or not all(hasattr(cache, name) for name in CACHE_API):
         raise AttnkitError(f"cache: expected an attnkit.kv.PagedLayerCache, got {type(cache).__name__}")
     B, Tq, Hq, D = q.shape
     if B != cache.batch or D != cache.head_dim:
@@ -118,7 +120,7 @@ def decode_sdpa(q: torch.Tensor, cache: Any, scale: float, causal: bool) -> torc
 
 def _triton_why_not(q: torch.Tensor, selection: Optional[KVSelection], hkv: int, page_size: int,
                     explicit: bool) -> Optional[str]:
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = config.triton_interpret()
     if q.device.type != "cuda" and not (explicit and interpret):
         return "runs on CUDA (or on the CPU under TRITON_INTERPRET=1 when requested explicitly)"
     try:

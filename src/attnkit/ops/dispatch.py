@@ -110,12 +110,16 @@ class Explanation:
     requested: str
     chosen: Optional[str]
     rows: list[tuple[str, bool, str]] = field(default_factory=list)
+    # named variants of the method's paths (experimental or device-dependent kernels): (name, on, why)
+    variants: list[tuple[str, bool, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"method {self.method!r}, backend={self.requested!r}: chosen {self.chosen!r}"]
         for name, ok, reason in self.rows:
             mark = "->" if name == self.chosen else ("ok" if ok else "no")
             lines.append(f"  {mark} {name:<10} {reason}")
+        for name, on, reason in self.variants:
+            lines.append(f"  variant {name}: {'on' if on else 'off'} ({reason})")
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -43,13 +43,13 @@ order-nondeterministic (run to run differences at float32 rounding level).
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ... import config
 from ..jit import LOG2E, max_combine, mm, pow2, sum_combine
 from .plan import heads_per_tile, hsel_divisor
 from .querymajor import _key_tile
@@ -69,7 +69,7 @@ STATS = {"fwd": 0, "bwd": 0}
 
 def uses_keymajor(hq: int, hkv: int, hsel: int, q_block: int, k_block: int) -> bool:
     """Whether `kernels.sparse` runs this call key-major (see the module docstring)."""
-    if os.environ.get("ATTNKIT_SPARSE_KEYMAJOR", "1").strip() == "0":
+    if not config.get().sparse_keymajor:
         return False
     return q_block % 16 != 0 and k_block >= 16 and heads_per_tile(hq, hkv, hsel) < 8
 

@@ -3,11 +3,11 @@ mapping, and the tile configurations tried (and timed once per key) by the autot
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from ... import config
 from .. import interpreted
 from ..jit import pow2
 
@@ -84,7 +84,7 @@ def _pick(key: tuple, candidates: list, launch):
     outputs, so trial launches leave nothing behind."""
     if key in _TUNED:
         return _TUNED[key]
-    if len(candidates) == 1 or interpreted() or os.environ.get("ATTNKIT_NO_AUTOTUNE") == "1":
+    if len(candidates) == 1 or interpreted() or not config.get().autotune:
         _TUNED[key] = candidates[0]
         return candidates[0]
     best, best_t = None, float("inf")
