@@ -49,7 +49,16 @@ def explain(
     return_lse: bool = False,
     **options: Any,
 ) -> Explanation:
-    """For the same arguments as `attention`, say which backend would run and why the others would not."""
+    """For the same arguments as `attention`, say which backend would run and why the others would not.
+
+    `method="ops.<op>"` explains an executor called directly (`ops.sparse_attention`,
+    `ops.masked_attention`, `ops.dense_attention`): pass the op's own arguments (`selection=`,
+    `mask=`) as keywords."""
+    if isinstance(method, str) and method.startswith("ops."):
+        from . import ops
+
+        return ops.explain(method[4:], q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, backend=backend,
+                           return_lse=return_lse, **options)
     spec, call, opts = _prepare(q, k, v, method, causal, scale, cu_seqlens, return_lse, options)
     return choose_backend(spec, call, opts, backend)
 

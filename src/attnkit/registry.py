@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .core.contract import AttentionCall, AttnkitError, BackendError, OptionError
+from .core.contract import AttentionCall, AttnkitError, BackendError, OptionError, validate_attention
 from .core.masks import Mask
 from .core.selection import KVSelection
 from .ops.dispatch import Backend, Check, Explanation, Runner, choose
@@ -107,6 +107,15 @@ class MethodSpec:
     # named variants of the method's own paths for a call, `[(name, on, why)]` (an experimental
     # kernel, a device-dependent one); `attnkit.explain` lists them
     variants: Optional[Callable[[AttentionCall, Any], list[tuple[str, bool, str]]]] = None
+
+    def selection(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, scale: Optional[float] = None,
+                  cu_seqlens: Optional[torch.Tensor] = None, **options: Any) -> KVSelection:
+        """The method's selection for `q: [B, Tq, Hq, D]`, `k: [B, Tk, Hkv, D]` (no executor): inputs and
+        options validated as `attnkit.attention` validates them, then `select(call, opts)`."""
+        if self.select is None:
+            raise AttnkitError(f"method: {self.name!r} has no selection (select(call, opts))")
+        call = validate_attention(q, k, k, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
+        return self.select(call, parse_options(self, call, options))
 
     def backend(self, name: str) -> Backend:
         for b in self.backends:

@@ -9,7 +9,7 @@ import torch
 import attnkit.methods.moba as moba
 from attnkit import config
 from attnkit.core.contract import validate_attention
-from attnkit.methods._routing import block_mean, seq_view
+from attnkit.methods.router import block_mean, seq_view
 
 from ..methods._cases import qkv, rows_as_sets
 from ..methods.test_moba import brute_force

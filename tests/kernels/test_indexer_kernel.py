@@ -10,7 +10,7 @@ import attnkit as ak
 from attnkit import config, kernels
 from attnkit.core.contract import validate_attention
 from attnkit.methods import dsa
-from attnkit.methods._routing import seq_view
+from attnkit.methods.router import seq_view
 
 from ..methods._cases import indexer_inputs, qkv
 from ..methods.test_dsa import check_topk_rows, indexer_scores

@@ -96,7 +96,7 @@ def test_split_half_gate_gemm_selects_as_float32(config_override, causal):
 
 
 def test_split_half_terms_carry_float32():
-    from attnkit.methods._routing import split_half
+    from attnkit.methods.gemm import split_half
 
     x = torch.randn(1000, dtype=torch.float32) * 10.0 ** torch.randint(-3, 4, (1000,))
     parts = split_half(x, torch.bfloat16)

@@ -1,10 +1,10 @@
-"""`bmm_f32` and `split_half`: the selection GEMMs' precision contract (methods/_routing.py)."""
+"""`bmm_f32` and `split_half`: the selection GEMMs' precision contract (methods/gemm.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from attnkit.methods._routing import bmm_f32, split_half
+from attnkit.methods.gemm import bmm_f32, split_half
 
 
 def test_bmm_f32_returns_float32_products_of_half_inputs():

@@ -17,6 +17,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
+from .checks import check_int
 from .contract import OptionError
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,12 +49,6 @@ class Mask:
         return f"Mask({self.name})"
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
-
-
 def full() -> Mask:
     """Every key visible."""
     return Mask(lambda b, h, q, k: torch.ones_like(q - k, dtype=torch.bool), "full")
@@ -66,7 +61,7 @@ def causal() -> Mask:
 
 def sinks(n: int) -> Mask:
     """The first `n` keys (StreamingLLM's attention sinks)."""
-    _check_int("sinks", n, 0)
+    check_int("sinks", n, 0)
     return Mask(lambda b, h, q, k: k < n, f"sinks({n})")
 
 
@@ -75,11 +70,11 @@ def _per_head(name: str, value: Union[int, Sequence[int]], minimum: int) -> Unio
         if len(value) == 0:
             raise OptionError(f"{name}: expected a non-empty per-head list, got []")
         for x in value:
-            _check_int(name, x, minimum)
+            check_int(name, x, minimum)
         return torch.tensor(list(value), dtype=torch.int64)
     if isinstance(value, torch.Tensor):
         raise OptionError(f"{name}: expected an int or a list of ints, got a Tensor")
-    return _check_int(name, value, minimum)
+    return check_int(name, value, minimum)
 
 
 def _head_value(value: Union[int, torch.Tensor], h: torch.Tensor) -> Union[int, torch.Tensor]:
@@ -98,8 +93,8 @@ def sliding_window(window: Union[int, Sequence[int]]) -> Mask:
 
 def dilated(dilation: int, window: int = 0) -> Mask:
     """Keys at distances that are multiples of `dilation`, plus a dense local part of `window`."""
-    _check_int("dilation", dilation, 1)
-    _check_int("window", window, 0)
+    check_int("dilation", dilation, 1)
+    check_int("window", window, 0)
     return Mask(lambda b, h, q, k: (torch.remainder(q - k, dilation) == 0) | ((q - k).abs() < window),
                 f"dilated({dilation}, window={window})")
 
@@ -107,8 +102,8 @@ def dilated(dilation: int, window: int = 0) -> Mask:
 def strided(num_shards: int, window: int = 0) -> Mask:
     """S2-Attention: head h sees keys with j % num_shards == h % num_shards, plus a local window;
     the heads together cover the whole context."""
-    _check_int("num_shards", num_shards, 1)
-    _check_int("window", window, 0)
+    check_int("num_shards", num_shards, 1)
+    check_int("window", window, 0)
     return Mask(lambda b, h, q, k: (torch.remainder(k, num_shards) == torch.remainder(h, num_shards)) | ((q - k).abs() < window),
                 f"strided({num_shards}, window={window})", head_dependent=True)
 

@@ -23,6 +23,7 @@ import torch
 from ..core.masks import Mask
 from ..core.reference import blockwise_attention
 from .pattern import CAUSAL, FULL, PARTIAL
+from ..core.contract import AttnkitError
 
 KERNELS = ("auto", "reference", "flash")
 
@@ -51,7 +52,7 @@ def pick_kernel(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return "reference"
     reason = flash_why_not(q, k, v, kind)
     if kernel == "flash" and reason is not None and kind != PARTIAL:
-        raise ValueError(f"backend: 'flash' cannot run this ring: {reason}")
+        raise AttnkitError(f"backend: 'flash' cannot run this ring: {reason}")
     return "flash" if reason is None else "reference"
 
 

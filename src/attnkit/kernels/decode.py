@@ -26,6 +26,7 @@ import triton.language as tl
 from .. import config
 from ..core.selection import KVSelection
 from .jit import pow2
+from ..core.contract import AttnkitError
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -216,7 +217,7 @@ def paged_decode(q: torch.Tensor, cache: Any, selection: Optional[KVSelection], 
     G = Hq // H
     mode, reason = selection_mode(selection, PAGE)
     if reason:
-        raise ValueError(f"selection: {reason}")
+        raise AttnkitError(f"selection: {reason}")
     if mode == 0:
         sel = torch.empty(1, dtype=torch.int32, device=q.device)
         n_items, sel_stride_h = cache.page_table.shape[1], 0

@@ -23,18 +23,13 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
+from ..core.checks import check_int
 from ..core.contract import OptionError
 from .budget import Budget, check_budget, resolve
 from .paged import PagedLayerCache
 from .scoring import attention_mass, pool1d
 
 INF = float("inf")
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
 
 
 @dataclass
@@ -117,6 +112,16 @@ def keep_top(inp: ScoreInputs, score: torch.Tensor, target: torch.Tensor) -> Non
 # --- streaming -------------------------------------------------------------------------------
 
 
+def _check_sinks_and_window(policy: Any) -> None:
+    """`sinks >= 0`, `window >= 1` or None, and exactly one of `budget` and `window`."""
+    check_int("sinks", policy.sinks, 0)
+    if policy.window is not None:
+        check_int("window", policy.window, 1)
+    if (policy.window is None) == (policy.budget is None):
+        raise OptionError(f"budget: {policy.name} needs exactly one of budget or window, got budget={policy.budget!r}, "
+                          f"window={policy.window!r}")
+
+
 @dataclass
 class Streaming(EvictionPolicy):
     """StreamingLLM: keep the `sinks` first tokens and the `window` most recent. Give `window`, or a
@@ -129,12 +134,7 @@ class Streaming(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("sinks", self.sinks, 0)
-        if self.window is not None:
-            _check_int("window", self.window, 1)
-        if (self.window is None) == (self.budget is None):
-            raise OptionError(f"budget: streaming needs exactly one of budget or window, got budget={self.budget!r}, "
-                              f"window={self.window!r}")
+        _check_sinks_and_window(self)
         if isinstance(self.budget, int) and self.budget <= self.sinks:
             raise OptionError(f"budget: expected more than sinks={self.sinks} tokens (room for a window), got {self.budget}")
 
@@ -166,7 +166,7 @@ class H2O(EvictionPolicy):
         if self.budget is None:
             raise OptionError("budget: h2o needs a budget (a token count or a ratio)")
         if self.window is not None:
-            _check_int("window", self.window, 0)
+            check_int("window", self.window, 0)
             if isinstance(self.budget, int) and self.window > self.budget:
                 raise OptionError(f"window: expected at most budget={self.budget}, got {self.window}")
 
@@ -234,8 +234,8 @@ class SnapKV(EvictionPolicy):
         super().__post_init__()
         if self.budget is None:
             raise OptionError("budget: snapkv needs a budget (a token count or a ratio)")
-        _check_int("obs_window", self.obs_window, 1)
-        _check_int("kernel_size", self.kernel_size, 1)
+        check_int("obs_window", self.obs_window, 1)
+        check_int("kernel_size", self.kernel_size, 1)
         if self.kernel_size % 2 == 0:
             raise OptionError(f"kernel_size: expected an odd int (centred pooling), got {self.kernel_size}")
         if self.pooling not in ("max", "avg"):
@@ -289,12 +289,7 @@ class Razor(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("sinks", self.sinks, 0)
-        if self.window is not None:
-            _check_int("window", self.window, 1)
-        if (self.window is None) == (self.budget is None):
-            raise OptionError(f"budget: razor needs exactly one of budget or window, got budget={self.budget!r}, "
-                              f"window={self.window!r}")
+        _check_sinks_and_window(self)
         extra = self.sinks + (1 if self.compensation else 0)
         if isinstance(self.budget, int) and self.budget <= extra:
             raise OptionError(f"budget: expected more than sinks + compensation = {extra} tokens, got {self.budget}")

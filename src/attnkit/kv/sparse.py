@@ -20,18 +20,13 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
+from ..core.checks import check_int
 from ..core.contract import AttnkitError, OptionError, validate_attention
 from ..core.selection import KVSelection
 from ..kernels import device_ok
 from ..ops.decode import decode_attention, slot_visibility
 from ..registry import get_method, parse_options
 from .paged import PagedLayerCache
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _group_queries(q: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -76,7 +71,7 @@ class Quest(Reader):
     topk: int = 8
 
     def __post_init__(self) -> None:
-        _check_int("topk", self.topk, 1)
+        check_int("topk", self.topk, 1)
 
     def page_scores(self, q: torch.Tensor, cache: PagedLayerCache, force_newest: bool = False) -> torch.Tensor:
         """Upper bounds per logical page: `[B, Hkv, maxp]` (-inf for unallocated or empty pages;
@@ -141,8 +136,8 @@ class Recycled(Reader):
     topk: int = 64
 
     def __post_init__(self) -> None:
-        _check_int("stride", self.stride, 1)
-        _check_int("topk", self.topk, 1)
+        check_int("stride", self.stride, 1)
+        check_int("topk", self.topk, 1)
 
     def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> Optional[KVSelection]:
         st = cache.state.setdefault("recycled", {"step": 0})
@@ -188,8 +183,8 @@ class Santa(Reader):
     _generators: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        _check_int("samples", self.samples, 1)
-        _check_int("seed", self.seed, 0)
+        check_int("samples", self.samples, 1)
+        check_int("seed", self.seed, 0)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)

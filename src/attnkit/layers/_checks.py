@@ -6,19 +6,10 @@ from typing import Optional
 
 import torch
 
+from ..core.checks import check_bool, check_int  # noqa: F401  (the layers' checks)
 from ..core.contract import AttnkitError
 
 
-def check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AttnkitError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
-
-
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise AttnkitError(f"{name}: expected a bool, got {type(value).__name__}")
-    return value
 
 
 def check_input(x: object, hidden_size: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_int
+from ..core.contract import AttnkitError
 
 
 class ShortConvolution(nn.Module):
@@ -24,7 +25,7 @@ class ShortConvolution(nn.Module):
         self.channels = check_int("channels", channels)
         self.kernel_size = check_int("kernel_size", kernel_size)
         if activation not in (None, "silu"):
-            raise ValueError(f"activation: expected 'silu' or None, got {activation!r}")
+            raise AttnkitError(f"activation: expected 'silu' or None, got {activation!r}")
         self.activation = activation
         # weight[c, j]: tap on x_{t-j}
         self.weight = nn.Parameter(torch.randn(channels, kernel_size) / kernel_size ** 0.5)

@@ -18,11 +18,12 @@ from typing import Any, Optional
 import torch
 
 from ..core.checks import check_int
-from ..core.contract import AttentionCall, validate_attention
+from ..core.contract import AttentionCall
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_sizes
 from ..registry import MethodOptions, register_selection
-from ._routing import block_mean, compact_rows, compute_dtype, seq_view
+from .gemm import compute_dtype
+from .router import block_mean, compact_rows, seq_view
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,8 @@ def select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, sink
     block, the `topk` key blocks with the best pooled score plus `sinks` leading and `local` diagonal blocks.
 
     Returns `KVSelection(indices int32 [B (N under varlen), Hq, ceil(Tq / block_size), S], block_size, block_size)`."""
-    call = validate_attention(q, k, k, causal=causal, cu_seqlens=cu_seqlens)
-    opts = BlockTopkOptions(block_size, topk, sinks, local)
-    opts.check_call(call)
-    return policy(call, opts)
+    return SPEC.selection(q, k, causal=causal, cu_seqlens=cu_seqlens, block_size=block_size, topk=topk, sinks=sinks,
+                          local=local)
 
 
 def _example(call: AttentionCall) -> dict[str, Any]:

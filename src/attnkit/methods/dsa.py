@@ -28,7 +28,8 @@ from ..core.selection import KVSelection
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..ops.sparse import validate_selection
 from ..registry import MethodOptions, register_selection
-from ._routing import SeqView, bmm_f32, compact_rows, compute_dtype, half_gemm, seq_view
+from .gemm import bmm_f32, compute_dtype, half_gemm
+from .router import SeqView, compact_rows, seq_view
 
 
 @dataclass(frozen=True)
@@ -148,10 +149,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, topk: int, q_idx: torch.Tensor, 
     all heads. `q`, `k` give the shapes and layout; the scores come from `q_idx`, `k_idx`, `w`.
 
     Returns `KVSelection(indices int32 [B (N under varlen), 1, Tq, min(topk, Tk)], 1, 1)`."""
-    call = validate_attention(q, k, k, causal=causal, cu_seqlens=cu_seqlens)
-    opts = DsaOptions(topk, q_idx, k_idx, w)
-    opts.check_call(call)
-    return policy(call, opts)
+    return SPEC.selection(q, k, causal=causal, cu_seqlens=cu_seqlens, topk=topk, q_idx=q_idx, k_idx=k_idx, w=w)
 
 
 def indexer_loss(

@@ -19,11 +19,12 @@ import torch
 
 from .. import config
 from ..core.checks import check_int
-from ..core.contract import AttentionCall, validate_attention
+from ..core.contract import AttentionCall
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import MethodOptions, register_selection
-from ._routing import block_mean, bmm_f32, compact_rows, compute_dtype, half_gemm, seq_view, split_half
+from .gemm import bmm_f32, compute_dtype, half_gemm, split_half
+from .router import block_mean, compact_rows, seq_view
 
 
 # The fused gate + top-k kernel is an opt-in variant (config `moba_gate_kernel`,
@@ -137,10 +138,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, caus
     plus the `topk - 1` past blocks with the highest gate `q . mean(k in block)`.
 
     Returns `KVSelection(indices int32 [B (N under varlen), Hq, Tq, min(topk, Nk)], 1, block_size)`."""
-    call = validate_attention(q, k, k, causal=causal, cu_seqlens=cu_seqlens)
-    opts = MobaOptions(block_size, topk)
-    opts.check_call(call)
-    return policy(call, opts)
+    return SPEC.selection(q, k, causal=causal, cu_seqlens=cu_seqlens, block_size=block_size, topk=topk)
 
 
 def _example(call: AttentionCall) -> dict[str, Any]:

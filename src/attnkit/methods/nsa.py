@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..core.checks import check_int, check_tensor_shape, check_tensor_type
 from ..core import masks
-from ..core.contract import AttentionCall, OptionError, validate_attention
+from ..core.contract import AttentionCall, OptionError
 from ..core.masks import Mask
 from ..core.reference import blockwise_attention
 from ..ops.executors import (cached_block_mask, flex_attention_lse, flex_why_not_mask, prefix_block_mask, run_flex_mask,
@@ -38,7 +38,8 @@ from ..ops.executors import (cached_block_mask, flex_attention_lse, flex_why_not
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import Backend, Capabilities, MethodOptions, register_selection
-from ._routing import Packing, bmm_f32, compact_rows, compute_dtype, half_gemm, seq_view
+from .gemm import bmm_f32, compute_dtype, half_gemm
+from .router import Packing, compact_rows, seq_view
 
 GATES = ("g_cmp", "g_slc", "g_swa")
 
@@ -326,10 +327,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, topk: int, caus
     first, own and previous blocks plus the best blocks by compressed-attention probability, `topk` in all.
 
     Returns `KVSelection(indices int32 [B (N under varlen), Hkv, Tq, min(max(topk, 3), Nk)], 1, block_size)`."""
-    call = validate_attention(q, k, k, causal=causal, scale=scale, cu_seqlens=cu_seqlens)
-    check_int("block_size", block_size, 1)
-    check_int("topk", topk, 1)
-    return _selection(call, block_size, topk, None)
+    return SPEC.selection(q, k, causal=causal, scale=scale, cu_seqlens=cu_seqlens, block_size=block_size, topk=topk)
 
 
 def _example(call: AttentionCall) -> dict[str, Any]:

@@ -19,10 +19,10 @@ from typing import Any, Optional
 import torch
 
 from ..core.checks import check_int
-from ..core.contract import AttentionCall, validate_attention
+from ..core.contract import AttentionCall
 from ..core.selection import KVSelection, cdiv
 from ..registry import MethodOptions, register_selection
-from ._routing import compact_rows, seq_view
+from .router import compact_rows, seq_view
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, block_size: int, sinks: int = 0,
     """PowerAttention's block pattern for the shapes of `q: [B, Tq, Hq, D]`, `k: [B, Tk, Hkv, D]`.
 
     Returns `KVSelection(indices int32 [B (N under varlen), 1, Nq, S], q_block, block_size)`."""
-    call = validate_attention(q, k, k, causal=causal, cu_seqlens=cu_seqlens)
-    opts = PowerOptions(block_size, sinks)
-    opts.check_call(call)
-    return policy(call, opts)
+    return SPEC.selection(q, k, causal=causal, cu_seqlens=cu_seqlens, block_size=block_size, sinks=sinks)
 
 
 def _example(call: AttentionCall) -> dict[str, Any]:

@@ -26,10 +26,10 @@ from typing import Any, Optional
 import torch
 
 from ..core.checks import check_int
-from ..core.contract import AttentionCall, validate_attention
+from ..core.contract import AttentionCall
 from ..core.selection import KVSelection
 from ..registry import MethodOptions, register_selection
-from ._routing import compact_rows, seq_view
+from .router import compact_rows, seq_view
 
 _MASK32 = 0xFFFFFFFF
 
@@ -94,10 +94,7 @@ def select(q: torch.Tensor, k: torch.Tensor, *, window: int, seed: int = 0, caus
     row i lists the keys within `window` of i in the seeded permuted order (causality is the executor's).
 
     Returns `KVSelection(indices int32 [B (N under varlen), 1, Tq, min(2 * window - 1, Tk)], 1, 1)`."""
-    call = validate_attention(q, k, k, causal=causal, cu_seqlens=cu_seqlens)
-    opts = StochasticOptions(window, seed)
-    opts.check_call(call)
-    return policy(call, opts)
+    return SPEC.selection(q, k, causal=causal, cu_seqlens=cu_seqlens, window=window, seed=seed)
 
 
 def _example(call: AttentionCall) -> dict[str, Any]:

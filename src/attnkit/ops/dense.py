@@ -6,10 +6,16 @@ from typing import Any, Optional
 
 import torch
 
-from ..core.contract import AttnkitError, validate_attention
+from ..core.contract import AttentionCall, validate_attention
 from ._backends import run_reference, run_sdpa, sdpa_why_not
+from .dispatch import Backend, Explanation, pick
 
-BACKENDS = ("sdpa", "reference")
+DECLARED = (
+    Backend("sdpa", lambda call, opts: run_sdpa(call), lse=False, varlen=False,
+            supports=lambda call, opts: sdpa_why_not(call)),
+    Backend("reference", lambda call, opts: run_reference(call)),
+)
+BACKENDS = tuple(b.name for b in DECLARED)
 
 
 def dense_attention(
@@ -29,13 +35,15 @@ def dense_attention(
     no LSE, no varlen, causal only when Tq == Tk or Tq == 1) and `reference` (blockwise, O(T)
     memory, everything). `auto` takes `sdpa` when it can serve the call.
     """
+    chosen, _, call = plan(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse,
+                           backend=backend)
+    return chosen.run(call, None)
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: Optional[float] = None,
+         cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False,
+         backend: str = "auto") -> tuple[Backend, Explanation, AttentionCall]:
+    """Validate a `dense_attention` call and pick its backend (`attnkit.explain` shows the decision)."""
     call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
-    if backend not in ("auto",) + BACKENDS:
-        raise AttnkitError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
-    sdpa_reason = sdpa_why_not(call) or ("no LSE output" if return_lse else None) or (
-        "no varlen" if cu_seqlens is not None else None)
-    if backend == "sdpa" and sdpa_reason:
-        raise AttnkitError(f"backend: 'sdpa' cannot serve this call: {sdpa_reason}")
-    if backend in ("auto", "sdpa") and sdpa_reason is None:
-        return run_sdpa(call)
-    return run_reference(call)
+    chosen, exp = pick("ops.dense_attention", DECLARED, call, None, backend)
+    return chosen, exp, call

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..core.contract import SUPPORTED_DTYPES, AttentionCall
+from ..core.contract import SUPPORTED_DTYPES, AttentionCall, AttnkitError, BackendError
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -67,7 +67,12 @@ Check = Callable[[AttentionCall, Any], Optional[str]]
 
 @dataclass(frozen=True)
 class Backend:
-    """One way to run a method. `supports` returns None, or the reason it cannot serve a call."""
+    """One way to run a method or an op, its support declared as data.
+
+    `available()` says whether its packages can run at all (None, or why not); `supports(call,
+    opts)` adds what the data cannot say. `auto_devices`: device types where `backend="auto"` may
+    pick it (None: all of `devices`); elsewhere it runs only when requested by name (the Triton
+    kernels' CPU interpreter twins)."""
 
     name: str
     run: Runner
@@ -78,26 +83,38 @@ class Backend:
     backward: bool = True
     available: Optional[Callable[[], Optional[str]]] = None
     supports: Optional[Check] = None
+    auto_devices: Optional[tuple[str, ...]] = None
 
-    def why_not(self, call: AttentionCall, opts: Any) -> Optional[str]:
+    def reasons(self, call: AttentionCall, opts: Any, requested: bool = True) -> list[str]:
+        """Every reason this backend cannot serve the call (empty: it can)."""
         if self.available is not None:
             reason = self.available()
             if reason:
-                return reason
+                return [reason]  # nothing else can be asked of a backend that cannot load
+        out = []
         if call.device.type not in self.devices:
-            return f"runs on {'/'.join(self.devices)}, inputs are on {call.device.type}"
+            out.append(f"runs on {'/'.join(self.devices)}, inputs are on {call.device.type}")
+        elif not requested and self.auto_devices is not None and call.device.type not in self.auto_devices:
+            out.append(f"chosen automatically on {'/'.join(self.auto_devices)} only (inputs are on "
+                       f"{call.device.type}; request backend={self.name!r} to run it there)")
         if call.dtype not in self.dtypes:
             have = ", ".join(DTYPE_NAMES[d] for d in self.dtypes)
-            return f"dtype {DTYPE_NAMES.get(call.dtype, call.dtype)} not supported (supports {have})"
+            out.append(f"dtype {DTYPE_NAMES.get(call.dtype, call.dtype)} not supported (supports {have})")
         if call.return_lse and not self.lse:
-            return "cannot return the LSE (return_lse=True)"
+            out.append("cannot return the LSE (return_lse=True)")
         if call.varlen and not self.varlen:
-            return "no varlen (cu_seqlens) support"
+            out.append("no varlen (cu_seqlens) support")
         if call.requires_grad and torch.is_grad_enabled() and not self.backward:
-            return "forward only, and inputs require grad"
+            out.append("forward only, and inputs require grad")
         if self.supports is not None:
-            return self.supports(call, opts)
-        return None
+            reason = self.supports(call, opts)
+            if reason and reason not in out:
+                out.append(reason)
+        return out
+
+    def why_not(self, call: AttentionCall, opts: Any, requested: bool = True) -> Optional[str]:
+        """None when the backend can serve the call, else every reason, joined."""
+        return "; ".join(self.reasons(call, opts, requested)) or None
 
 
 
@@ -138,7 +155,7 @@ def choose(name: str, backends: Sequence[Backend], call: AttentionCall, opts: An
             backends.sort(key=lambda b: rank.get(b.name, len(rank)))  # stable: unmeasured ones keep their order
             measured_why = measured[1]
     for b in backends:
-        reason = b.why_not(call, opts)
+        reason = b.why_not(call, opts, requested=requested == b.name)
         ok = reason is None
         if ok and exp.chosen is None and requested in ("auto", b.name):
             exp.chosen = b.name
@@ -154,3 +171,18 @@ def choose(name: str, backends: Sequence[Backend], call: AttentionCall, opts: An
             text = reason
         exp.rows.append((b.name, ok, text))
     return exp
+
+
+def pick(name: str, backends: Sequence[Backend], call: AttentionCall, opts: Any,
+         requested: str = "auto") -> tuple[Backend, Explanation]:
+    """The backend that runs a call of op `name` and the Explanation; errors name `backend`."""
+    names = [b.name for b in backends]
+    if requested != "auto" and requested not in names:
+        raise AttnkitError(f"backend: expected one of {['auto'] + names} for {name}, got {requested!r}")
+    exp = choose(name, backends, call, opts, requested)
+    if exp.chosen is None:
+        if requested != "auto":
+            reason = next(text for n, _, text in exp.rows if n == requested)
+            raise AttnkitError(f"backend: {requested!r} cannot serve this call: {reason}")
+        raise BackendError(f"no backend can run this call.\n{exp}")
+    return next(b for b in backends if b.name == exp.chosen), exp

@@ -6,10 +6,16 @@ from typing import Any, Optional
 
 import torch
 
-from ..core.contract import AttnkitError, validate_attention
+from ..core.contract import AttentionCall, AttnkitError, validate_attention
 from ..core.masks import Mask
 from ._backends import run_reference
 from ._flex import flex_why_not_mask, run_flex_mask
+from .dispatch import Backend, Explanation, pick
+
+DECLARED = (
+    Backend("flex", run_flex_mask, auto_devices=("cuda",), supports=flex_why_not_mask),
+    Backend("reference", lambda call, mask: run_reference(call, mask=mask)),
+)
 
 
 def masked_attention(
@@ -31,15 +37,17 @@ def masked_attention(
     compiled from the predicate, CUDA only, no varlen) and `reference`; `auto` takes `flex` on
     CUDA when it can serve the call.
     """
+    chosen, _, call, mask = plan(q, k, v, mask, causal=causal, scale=scale, cu_seqlens=cu_seqlens,
+                                 return_lse=return_lse, backend=backend)
+    return chosen.run(call, mask)
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, causal: bool = True,
+         scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False,
+         backend: str = "auto") -> tuple[Backend, Explanation, AttentionCall, Mask]:
+    """Validate a `masked_attention` call and pick its backend (`attnkit.explain` shows the decision)."""
     call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
     if not isinstance(mask, Mask):
         raise AttnkitError(f"mask: expected an attnkit.core.masks.Mask predicate, got {type(mask).__name__}")
-    if backend not in ("auto", "flex", "reference"):
-        raise AttnkitError(f"backend: expected 'auto', 'flex' or 'reference', got {backend!r}")
-    if backend == "flex" or (backend == "auto" and call.device.type == "cuda"):
-        reason = flex_why_not_mask(call, mask)
-        if reason is None:
-            return run_flex_mask(call, mask)
-        if backend == "flex":
-            raise AttnkitError(f"backend: 'flex' cannot serve this call: {reason}")
-    return run_reference(call, mask=mask)
+    chosen, exp = pick("ops.masked_attention", DECLARED, call, mask, backend)
+    return chosen, exp, call, mask

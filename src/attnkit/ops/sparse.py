@@ -12,8 +12,17 @@ from ..core.selection import KVSelection
 from ._backends import run_reference
 from ._flex import flex_why_not_selection, run_flex_selection
 from ._triton import run_triton, triton_why_not
+from .dispatch import Backend, Explanation, pick
 
-BACKENDS = ("triton", "flex", "reference")
+# opts of a call: (selection, mask)
+DECLARED = (
+    Backend("triton", lambda call, o: run_triton(call, o[0]), auto_devices=("cuda",),
+            supports=lambda call, o: triton_why_not(call, o[0], o[1])),
+    Backend("flex", lambda call, o: run_flex_selection(call, o[0], o[1]), auto_devices=("cuda",),
+            supports=lambda call, o: flex_why_not_selection(call, o[0], o[1])),
+    Backend("reference", lambda call, o: run_reference(call, mask=o[1], selection=o[0])),
+)
+BACKENDS = tuple(b.name for b in DECLARED)
 
 
 def validate_selection(call: AttentionCall, selection: object) -> KVSelection:
@@ -48,22 +57,19 @@ def sparse_attention(
     `q_block`/`k_block` multiples of 128, masks allowed) and `reference`. `auto` takes `reference`
     on the CPU and, on CUDA, the first of `triton`, `flex` that supports the call.
     """
+    chosen, _, call, opts = plan(q, k, v, selection, causal=causal, scale=scale, cu_seqlens=cu_seqlens, mask=mask,
+                                 return_lse=return_lse, backend=backend)
+    return chosen.run(call, opts)
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: KVSelection, *, causal: bool = True,
+         scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None, mask: Optional[Mask] = None,
+         return_lse: bool = False, backend: str = "auto") -> tuple[Backend, Explanation, AttentionCall, Any]:
+    """Validate a `sparse_attention` call and pick its backend (`attnkit.explain` shows the decision)."""
     call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
     selection = validate_selection(call, selection)
     if mask is not None and not isinstance(mask, Mask):
         raise AttnkitError(f"mask: expected an attnkit.core.masks.Mask predicate or None, got {type(mask).__name__}")
-    if backend not in ("auto",) + BACKENDS:
-        raise AttnkitError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
-    if backend == "triton" or (backend == "auto" and call.device.type == "cuda"):
-        reason = triton_why_not(call, selection, mask)
-        if reason is None:
-            return run_triton(call, selection)
-        if backend == "triton":
-            raise AttnkitError(f"backend: 'triton' cannot serve this call: {reason}")
-    if backend == "flex" or (backend == "auto" and call.device.type == "cuda"):
-        reason = flex_why_not_selection(call, selection, mask)
-        if reason is None:
-            return run_flex_selection(call, selection, mask)
-        if backend == "flex":
-            raise AttnkitError(f"backend: 'flex' cannot serve this call: {reason}")
-    return run_reference(call, mask=mask, selection=selection)
+    opts = (selection, mask)
+    chosen, exp = pick("ops.sparse_attention", DECLARED, call, opts, backend)
+    return chosen, exp, call, opts

@@ -14,7 +14,7 @@ The running top-k merges by extraction: each score is packed with its block inde
 int64 (`order-preserving bits of the float32 score << 32 | index`), so a row's largest remaining
 key is a `max`, distinct keys make removal exact, and equal scores resolve to the larger index.
 `K` rounds of (max, place, remove) per column tile cost O(K) integer ops per score, on chip.
-The bf16 path takes the block means as three bf16 terms (`methods._routing.split_half`): each dot
+The bf16 path takes the block means as three bf16 terms (`methods.gemm.split_half`): each dot
 multiplies exactly into float32, so the scores are the float32 gate up to summation order.
 
 Opt-in (`ATTNKIT_MOBA_GATE_KERNEL=1`, see `methods.moba`) until it has run on a GPU: it was built
@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .. import launch_env
 from ..jit import dot_precision, max_combine, mm  # core builtins only in kernels (see jit.py)
+from ...core.contract import AttnkitError
 
 # below every packed (score, index) key: a float32 score's key is >= -2**31 + 2**23 (finite)
 EMPTY = tl.constexpr(-9_200_000_000_000_000_000)
@@ -107,7 +108,7 @@ def gate_topk(q: torch.Tensor, gate_keys: torch.Tensor, k_len: torch.Tensor, off
     if out.numel() == 0:
         return out.fill_(-1)
     if not 1 <= width <= MAX_TOPK:
-        raise ValueError(f"topk: the gate kernel serves 1..{MAX_TOPK} blocks, got {width}")
+        raise AttnkitError(f"topk: the gate kernel serves 1..{MAX_TOPK} blocks, got {width}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     gate_keys = gate_keys.contiguous()

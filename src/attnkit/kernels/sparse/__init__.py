@@ -31,6 +31,7 @@ from ..jit import dot_precision, pow2
 from . import keymajor
 from . import querymajor as kern
 from .plan import TilePlan, _block_candidates, _pick, heads_per_tile, hsel_divisor, plan_query_tiles, tuned_configs  # noqa: F401
+from ...core.contract import AttnkitError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -244,7 +245,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     Inputs are assumed validated by `ops.sparse_attention`. Differentiable in q, k, v."""
     reason = why_not(q, k, v, indices)
     if reason:
-        raise ValueError(f"triton sparse attention: {reason}")
+        raise AttnkitError(f"triton sparse attention: {reason}")
     B, Tq, Hq, _ = q.shape
     Tk = k.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

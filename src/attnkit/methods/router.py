@@ -1,4 +1,4 @@
-"""Shared plumbing of the selection policies (MoBA, NSA, DSA, block top-k, power, stochastic).
+"""The router's shared stages for content-routed selections (MoBA, NSA, DSA, block top-k, power, stochastic).
 
 - `SeqView`: the inputs seen per sequence. Varlen inputs (`cu_seqlens`, B == 1) are unpacked into
   a padded batch `[N, L, ...]` so one vectorised policy serves both layouts; block ids are then
@@ -15,43 +15,10 @@ from typing import Optional
 
 import torch
 
-from .. import config
-from ..core.checks import check_int, check_tensor_shape, check_tensor_type  # noqa: F401  (the methods' checks)
 from ..core.contract import AttentionCall
 from ..core.selection import cdiv
 from ..core import topk as _topk
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-_HALF = (torch.float16, torch.bfloat16)
-_out_dtype_bmm_ok = True
-
-
-def half_gemm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a selection's score GEMM should keep `dtype` operands on `device` (see `bmm_f32`)."""
-    return device.type in config.get().half_gemm_devices and dtype in _HALF
-
-
-def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`a @ b` (batched, 3-d) accumulated and returned in float32 (float64 for float64 inputs).
-
-    Half-precision CUDA operands stay half: their products are exact in float32 and cuBLAS
-    accumulates in float32, so the result equals the float32 product of the same values up to
-    summation order, on the tensor cores instead of float32 SIMT (about 10x on an H100). Other
-    operands are cast to the compute dtype first."""
-    global _out_dtype_bmm_ok
-    if _out_dtype_bmm_ok and a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype:
-        try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError):  # a torch without bmm(out_dtype=): float32 from now on
-            _out_dtype_bmm_ok = False
-    cd = compute_dtype(a.dtype if a.dtype == torch.float64 or b.dtype != torch.float64 else b.dtype)
-    return torch.bmm(a.to(cd), b.to(cd))
+from .gemm import compute_dtype
 
 
 class Packing:
@@ -118,21 +85,6 @@ def seq_view(call: AttentionCall) -> SeqView:
         return SeqView(q, k, call.tk - call.tq, k_len, call.causal, None)
     packing = Packing(call.cu_seqlens, q.device)
     return SeqView(packing.pad(q), packing.pad(k), 0, packing.lengths, call.causal, packing)
-
-
-def split_half(x: torch.Tensor, dtype: torch.dtype, terms: int = 3) -> list[torch.Tensor]:
-    """`x` (float32) as a sum of `terms` tensors of a half dtype, each the rounding of what is left.
-
-    Three bf16 terms carry float32's 24 bits of mantissa (bf16 shares its exponent range, so no
-    term underflows before float32 would): `q . x` computed as one bf16 GEMM over the concatenated
-    terms (`bmm_f32`) equals the float32 product up to float32 rounding, on the tensor cores.
-    For float16 the small terms can fall into its subnormals: use it with care."""
-    parts, rest = [], x
-    for _ in range(terms):
-        part = rest.to(dtype)
-        parts.append(part)
-        rest = rest - part.to(rest.dtype)
-    return parts
 
 
 def block_mean(x: torch.Tensor, block: int, lengths: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
