@@ -38,7 +38,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"settings: {config.get()}")
     owners = [(f"method {s.name}", s.backends) for s in registry.methods()]
     owners += [(f"ops.{name}", mod.DECLARED) for name, mod in
-               (("dense_attention", ops.dense), ("masked_attention", ops.masked), ("sparse_attention", ops.sparse))]
+               (("decode_attention", ops.decode), ("dense_attention", ops.dense), ("masked_attention", ops.masked),
+                ("sparse_attention", ops.sparse))]
     for owner, backends in owners:
         print(owner)
         for b in backends:

@@ -107,6 +107,9 @@ class MethodSpec:
     # named variants of the method's own paths for a call, `[(name, on, why)]` (an experimental
     # kernel, a device-dependent one); `attnkit.explain` lists them
     variants: Optional[Callable[[AttentionCall, Any], list[tuple[str, bool, str]]]] = None
+    # "selection" or "mask" when the method runs on the shared executors (its attention is exactly the
+    # executor over `select`/`mask`, which the shared test suites check); "" for its own backends
+    executor: str = ""
 
     def selection(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, scale: Optional[float] = None,
                   cu_seqlens: Optional[torch.Tensor] = None, **options: Any) -> KVSelection:
@@ -188,8 +191,10 @@ def register_selection(
         raise OptionError(f"select: expected a callable (call, opts) -> KVSelection, got {type(select).__name__}")
     if mask is not None and not callable(mask):
         raise OptionError(f"mask: expected a callable (opts) -> Mask, got {type(mask).__name__}")
+    executor = ""
     if backends is None:
         backends = selection_backends(select, flex_block) if select is not None else mask_backends(mask)
+        executor = "selection" if select is not None else "mask"
     return register(
         MethodSpec(
             name=name,
@@ -206,6 +211,7 @@ def register_selection(
             mask=mask,
             inputs=inputs,
             variants=variants,
+            executor=executor,
         )
     )
 

@@ -15,7 +15,7 @@ from attnkit.core.oracle import naive_attention
 from attnkit.registry import get_method
 from tests.conftest import assert_close_rule
 
-SELECTION_METHODS = ["moba", "dsa", "power", "stochastic", "block_topk"]
+SELECTION_METHODS = [s.name for s in ak.registry.methods() if s.executor == "selection"]
 
 
 def _inputs(T, Hq, Hkv, D, dtype, device, seed=0):
@@ -31,7 +31,7 @@ def _check(method: str, backend: str, device: str, T: int, Hq: int, Hkv: int, D:
     opts_kw = spec.example(call)
     opts = spec.options.parse(method, opts_kw)
     out = spec.backend(backend).run(call, opts)
-    sel = getattr(ak.methods, method).policy(call, opts)
+    sel = spec.select(call, opts)
     ref, _ = naive_attention(q, k, v, causal=True, selection=sel)
     base, _ = naive_attention(q, k, v, causal=True, selection=sel, compute_dtype=None)
     assert_close_rule(out, ref, base, f"{method}/{backend} out")

@@ -1,12 +1,13 @@
-"""Sparse decoding readers: quest, recycled, santa, routed (moba) against their definitions."""
+"""Sparse decoding readers: quest, recycled, santa, routed (every registered selection) against their definitions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attnkit.core.contract import OptionError
+from attnkit.core.contract import OptionError, validate_attention
 from attnkit.kv.sparse import Quest, Recycled, Routed, Santa, slot_attention
+from attnkit.registry import get_method, methods
 
 from ..conftest import assert_close64
 from .helpers import oracle_over_kept, random_cache
@@ -105,28 +106,21 @@ def test_santa_is_seeded_and_unbiased():
     assert var[0] < var[1]
 
 
-def _routed_options(method, q, T):
-    if method == "dsa":
-        g = torch.Generator().manual_seed(9)
-        return {"topk": 7, "q_idx": torch.randn(2, 1, 2, 4, generator=g, dtype=torch.float64),
-                "k_idx": torch.randn(2, T, 4, generator=g, dtype=torch.float64),
-                "w": torch.rand(2, 1, 2, generator=g, dtype=torch.float64)}
-    return {"block_size": 8, "topk": 2 if method == "moba" else 3}
-
-
-@pytest.mark.parametrize("method", ["moba", "nsa", "dsa"])
+@pytest.mark.parametrize("method", [s.name for s in methods() if s.select is not None and s.capabilities.decode])
 def test_routed_equals_sparse_attention_with_the_method_selection(method):
-    mod = pytest.importorskip(f"attnkit.methods.{method}", reason=f"{method} not present in this checkout")
+    """Every registered selection decodes through `Routed`: the same output as the sparse executor
+    over the method's own selection of the cached keys (its example options for these shapes)."""
     from attnkit.ops import sparse_attention
 
+    spec = get_method(method)
     c, k, v = random_cache(T=33, page_size=4)
     k1 = torch.randn(2, 1, 2, 8, dtype=torch.float64)
     c.append(k1, k1)
     kk, vv = torch.cat([k, k1], 1), torch.cat([v, k1], 1)
     q = _q(5)
-    opts = _routed_options(method, q, 34)
+    opts = spec.example(validate_attention(q, kk, vv, causal=True))
     out = Routed(method, opts).attend(q, c, backend="reference")
-    sel = mod.select(q, kk, causal=True, **opts)
+    sel = spec.selection(q, kk, causal=True, **opts)
     want = sparse_attention(q, kk, vv, sel, causal=True)
     assert_close64(out, want, rtol=1e-10)
 

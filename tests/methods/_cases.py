@@ -7,12 +7,14 @@ from typing import Any, Callable, Optional
 import torch
 
 import attnkit as ak
+from attnkit.core.contract import validate_attention
 from attnkit.core.oracle import naive_attention
 from attnkit.core.selection import KVSelection
 
 from ..conftest import assert_close64, assert_close_rule, max_error
 
-SELECTION_METHODS = ("moba", "dsa", "block_topk", "power", "stochastic")
+# every registered method whose attention is the shared sparse executor over its selection
+SELECTION_METHODS = tuple(s.name for s in ak.registry.methods() if s.executor == "selection")
 
 
 def qkv(B: int, Tq: int, Tk: int, Hq: int, Hkv: int, D: int = 8, dtype: torch.dtype = torch.float32,
@@ -47,13 +49,15 @@ def options(method: str, B: int, Tq: int, Tk: int, dtype: torch.dtype, block_siz
         return {"window": max(1, block_size), "seed": 3, **extra}
     if method == "dsa":
         return {"topk": max(1, topk * block_size), **indexer_inputs(B, Tq, Tk, dtype=dtype), **extra}
-    raise ValueError(method)
+    # a method without hand-picked edge-case options: its own example for these shapes
+    q = torch.zeros(B, Tq, 1, 8, dtype=dtype)
+    k = torch.zeros(B, Tk, 1, 8, dtype=dtype)
+    return {**ak.registry.get_method(method).example(validate_attention(q, k, k)), **extra}
 
 
 def select(method: str, q: torch.Tensor, k: torch.Tensor, opts: dict[str, Any], causal: bool = True,
            cu_seqlens: Optional[torch.Tensor] = None) -> KVSelection:
-    module = getattr(ak.methods, method)
-    return module.select(q, k, causal=causal, cu_seqlens=cu_seqlens, **opts)
+    return ak.registry.get_method(method).selection(q, k, causal=causal, cu_seqlens=cu_seqlens, **opts)
 
 
 def _loss(out: torch.Tensor, lse: Optional[torch.Tensor], dout: torch.Tensor, dlse: Optional[torch.Tensor]) -> torch.Tensor:

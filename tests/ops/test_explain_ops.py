@@ -40,6 +40,22 @@ def test_explain_dense_and_masked() -> None:
         ak.ops.masked_attention(q, k, v, ak.masks.sliding_window(4), backend="triton")
 
 
+def test_explain_decode_attention() -> None:
+    from attnkit.kv.paged import PagedLayerCache
+
+    cache = PagedLayerCache(1, 2, 8, page_size=4, dtype=torch.float32)
+    k = torch.randn(1, 10, 2, 8)
+    cache.append(k, k)
+    q = torch.randn(1, 1, 4, 8)
+    exp = ak.ops.explain("decode_attention", q, cache, return_lse=True)
+    assert exp.chosen == "reference" and [r[0] for r in exp.rows] == ["triton", "sdpa", "reference"], str(exp)
+    assert "LSE" in exp.rows[1][2]
+    assert ak.ops.explain("decode_attention", q, cache).chosen == "sdpa"
+    out, lse = ak.ops.decode_attention(q, cache, return_lse=True)
+    want = ak.ops.dense_attention(q, k, k, return_lse=True, backend="reference")
+    assert (out - want[0]).abs().max().item() < 1e-5 and (lse - want[1]).abs().max().item() < 1e-5
+
+
 def test_info_prints_every_backend(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0
     out = capsys.readouterr().out

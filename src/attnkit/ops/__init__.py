@@ -1,12 +1,13 @@
 """Executors: one function per op, backends behind it (DESIGN.md section 5).
 
 Each op declares its backends as data and picks one through `ops.dispatch` (the one dispatcher);
-`attnkit.explain(q, k, v, method="ops.<op>", ...)` shows the decision for the same arguments.
+`attnkit.explain(q, k, v, method="ops.<op>", ...)` shows the decision for the same arguments
+(`attnkit.ops.explain("decode_attention", q, cache, ...)` for decoding, which has no k, v).
 """
 
 from typing import Any
 
-from . import dense, masked, sparse
+from . import decode, dense, masked, sparse
 from .decode import decode_attention
 from .dense import dense_attention
 from .dispatch import Explanation
@@ -14,7 +15,8 @@ from .masked import masked_attention
 from .sparse import sparse_attention
 
 # op name -> its planner (validation + backend choice), for `attnkit.explain`
-PLANNERS = {"dense_attention": dense.plan, "masked_attention": masked.plan, "sparse_attention": sparse.plan}
+PLANNERS = {"decode_attention": decode.plan, "dense_attention": dense.plan, "masked_attention": masked.plan,
+            "sparse_attention": sparse.plan}
 
 
 def explain(op: str, *args: Any, **kwargs: Any) -> Explanation:

@@ -15,6 +15,7 @@ under `TRITON_INTERPRET=1` when requested explicitly).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from .. import config
 from ..core.contract import AttnkitError, check_tensor
 from ..core.selection import KVSelection
+from .dispatch import Backend, Explanation, pick
 
 BACKENDS = ("triton", "sdpa", "reference")
 
@@ -140,6 +142,57 @@ def _triton_why_not(q: torch.Tensor, selection: Optional[KVSelection], hkv: int,
     return None
 
 
+@dataclass(frozen=True)
+class DecodeCall:
+    """A validated decode call, as the dispatcher sees it (`device`, `dtype`, `return_lse`, ...)."""
+
+    q: torch.Tensor  # [B, Tq, Hq, D]
+    cache: Any
+    selection: Optional[KVSelection]
+    scale: float
+    causal: bool
+    return_lse: bool
+    varlen: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.q.requires_grad
+
+    @property
+    def tk(self) -> int:
+        return int(self.cache.capacity)
+
+
+def _run_triton(call: DecodeCall, opts: Any) -> Any:
+    from ..kernels.decode import paged_decode  # lazy: imports triton
+
+    out, lse = paged_decode(call.q, call.cache, call.selection, scale=call.scale, causal=call.causal)
+    return (out, lse) if call.return_lse else out
+
+
+def _run_reference(call: DecodeCall, opts: Any) -> Any:
+    out, lse = decode_reference(call.q, call.cache, call.selection, call.scale, call.causal)
+    return (out, lse) if call.return_lse else out
+
+
+DECLARED = (
+    Backend("triton", _run_triton, auto_devices=("cuda",),
+            supports=lambda c, o: _triton_why_not(c.q, c.selection, c.cache.num_heads, c.cache.page_size, True)),
+    Backend("sdpa", lambda c, o: decode_sdpa(c.q, c.cache, c.scale, c.causal), lse=False,
+            supports=lambda c, o: "a selection is given" if c.selection is not None else None),
+    Backend("reference", _run_reference),
+)
+BACKENDS = tuple(b.name for b in DECLARED)
+
+
 def decode_attention(q: torch.Tensor, cache: Any, selection: Optional[KVSelection] = None, *,
                      scale: Optional[float] = None, causal: bool = True, return_lse: bool = False,
                      backend: str = "auto") -> Any:
@@ -148,25 +201,16 @@ def decode_attention(q: torch.Tensor, cache: Any, selection: Optional[KVSelectio
 
     `backend="auto"` takes `triton` on CUDA, else `sdpa` for dense calls without LSE, else
     `reference`."""
+    chosen, _, call = plan(q, cache, selection, scale=scale, causal=causal, return_lse=return_lse, backend=backend)
+    return chosen.run(call, None)
+
+
+def plan(q: torch.Tensor, cache: Any, selection: Optional[KVSelection] = None, *, scale: Optional[float] = None,
+         causal: bool = True, return_lse: bool = False, backend: str = "auto") -> tuple[Backend, Explanation, DecodeCall]:
+    """Validate a `decode_attention` call and pick its backend (`attnkit.ops.explain` shows the decision)."""
     scale = _check(q, cache, selection, scale)
     if not isinstance(causal, bool):
         raise AttnkitError(f"causal: expected a bool, got {causal!r}")
-    if backend not in ("auto",) + BACKENDS:
-        raise AttnkitError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
-    if backend in ("auto", "triton"):
-        reason = _triton_why_not(q, selection, cache.num_heads, cache.page_size, backend == "triton")
-        if reason is None:
-            from ..kernels.decode import paged_decode  # lazy: imports triton
-
-            out, lse = paged_decode(q, cache, selection, scale=scale, causal=causal)
-            return (out, lse) if return_lse else out
-        if backend == "triton":
-            raise AttnkitError(f"backend: 'triton' cannot serve this call: {reason}")
-    sdpa_reason = ("a selection is given" if selection is not None else None) or (
-        "no LSE output" if return_lse else None)
-    if backend == "sdpa" and sdpa_reason:
-        raise AttnkitError(f"backend: 'sdpa' cannot serve this call: {sdpa_reason}")
-    if backend in ("auto", "sdpa") and sdpa_reason is None:
-        return decode_sdpa(q, cache, scale, causal)
-    out, lse = decode_reference(q, cache, selection, scale, causal)
-    return (out, lse) if return_lse else out
+    call = DecodeCall(q, cache, selection, scale, causal, return_lse)
+    chosen, exp = pick("ops.decode_attention", DECLARED, call, None, backend)  # type: ignore[arg-type]
+    return chosen, exp, call

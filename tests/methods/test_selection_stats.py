@@ -7,9 +7,9 @@ import torch
 
 import attnkit as ak
 
-from ._cases import cu, options, qkv, select
+from ._cases import SELECTION_METHODS, cu, options, qkv, select
 
-inspect = ak.methods.inspect
+inspect = ak.methods.selection_stats
 
 
 def dense_density(sel, hq, hkv, tq, tk, causal):
@@ -18,7 +18,7 @@ def dense_density(sel, hq, hkv, tq, tk, causal):
     return float((mask & c).sum()) / float(c.sum() * mask.shape[0] * mask.shape[1])
 
 
-@pytest.mark.parametrize("method", ["moba", "block_topk", "power", "dsa", "stochastic"])
+@pytest.mark.parametrize("method", SELECTION_METHODS)
 @pytest.mark.parametrize("tq, tk", [(29, 29), (3, 40)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_density_equals_dense_count(method, tq, tk, causal):
