@@ -110,13 +110,8 @@ def _example(call: AttentionCall) -> dict[str, Any]:
     return {"block_size": max(1, min(64, call.tk // 8)), "topk": 2, "sinks": 1, "local": 1}
 
 
-SPEC = register_selection(
-    name="block_topk",
-    family="prefill",
-    paper="MInference / FlexPrefill-style block sparse; DHSA",
-    summary="per query block and head, top-k key blocks by pooled q . pooled k, plus sink and local blocks",
-    options=BlockTopkOptions,
-    select=policy,
-    example=_example,
-    flex_block=lambda opts: opts.block_size,
-)
+SPEC = register_selection("block_topk", BlockTopkOptions, policy, family="prefill", example=_example,
+                          flex_block=lambda opts: opts.block_size,
+                          paper="MInference / FlexPrefill-style block sparse; DHSA",
+                          summary="per query block and head, top-k key blocks by pooled q . pooled k, plus sink and "
+                                  "local blocks")

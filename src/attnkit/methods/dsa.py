@@ -78,7 +78,8 @@ def _variants(call: AttentionCall, opts: Any) -> list[tuple[str, bool, str]]:
     if opts.q_idx.shape[-1] > MAX_KERNEL_INDEX_DIM:
         return [("indexer_kernel", False, f"index dim {opts.q_idx.shape[-1]} > {MAX_KERNEL_INDEX_DIM}")]
     if call.device.type not in devices:
-        return [("indexer_kernel", False, f"runs on {'/'.join(devices) or 'no device'}, inputs are on {call.device.type}")]
+        where = "/".join(devices) or "no device"
+        return [("indexer_kernel", False, f"runs on {where}, inputs are on {call.device.type}")]
     reason = kernels.device_ok(call.device.type)
     return [("indexer_kernel", reason is None, reason or "fused indexer-score Triton kernel")]
 
@@ -281,14 +282,8 @@ class DSAIndexer(nn.Module):
                             cu_seqlens=cu_seqlens, reduction="mean")
 
 
-SPEC = register_selection(
-    name="dsa",
-    family="sparse",
-    paper="DeepSeek Sparse Attention (DeepSeek-V3.2); MISA; StreamIndex",
-    summary="top-k causal keys per query by a lightning indexer, shared by all heads; streaming top-k",
-    options=DsaOptions,
-    select=policy,
-    example=_example,
-    inputs=DSAIndexer,
-    variants=_variants,
-)
+SPEC = register_selection("dsa", DsaOptions, policy, family="sparse", example=_example, inputs=DSAIndexer,
+                          variants=_variants,
+                          paper="DeepSeek Sparse Attention (DeepSeek-V3.2); MISA; StreamIndex",
+                          summary="top-k causal keys per query by a lightning indexer, shared by all heads; "
+                                  "streaming top-k")

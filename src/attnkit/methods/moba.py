@@ -146,13 +146,7 @@ def _example(call: AttentionCall) -> dict[str, Any]:
     return {"block_size": block, "topk": 3}
 
 
-SPEC = register_selection(
-    name="moba",
-    family="sparse",
-    paper="MoBA: Mixture of Block Attention; Optimizing MoBA",
-    summary="per query head, the own block plus the top-k past key blocks by q . mean(k in block)",
-    options=MobaOptions,
-    select=policy,
-    example=_example,
-    variants=_variants,
-)
+SPEC = register_selection("moba", MobaOptions, policy, family="sparse", example=_example, variants=_variants,
+                          paper="MoBA: Mixture of Block Attention; Optimizing MoBA",
+                          summary="per query head, the own block plus the top-k past key blocks "
+                                  "by q . mean(k in block)")

@@ -68,13 +68,7 @@ def _example(call: AttentionCall) -> dict[str, Any]:
     return {"block_size": max(1, min(64, call.tk // 16)), "sinks": 1}
 
 
-SPEC = register_selection(
-    name="power",
-    family="static",
-    paper="PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention",
-    summary="query block n sees key blocks n, n - 2^j and the first `sinks` blocks",
-    options=PowerOptions,
-    select=policy,
-    example=_example,
-    tier=2,
-)
+SPEC = register_selection("power", PowerOptions, policy, family="static", example=_example, tier=2,
+                          paper="PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse "
+                                "Attention",
+                          summary="query block n sees key blocks n, n - 2^j and the first `sinks` blocks")

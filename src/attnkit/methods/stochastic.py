@@ -101,13 +101,7 @@ def _example(call: AttentionCall) -> dict[str, Any]:
     return {"window": max(1, min(256, call.tk // 8)), "seed": 0}
 
 
-SPEC = register_selection(
-    name="stochastic",
-    family="static",
-    paper="Stochastic Attention: Connectome-Inspired Randomized Routing",
-    summary="sliding window in a seeded random permutation of the tokens, causal in the original order",
-    options=StochasticOptions,
-    select=policy,
-    example=_example,
-    tier=2,
-)
+SPEC = register_selection("stochastic", StochasticOptions, policy, family="static", example=_example, tier=2,
+                          paper="Stochastic Attention: Connectome-Inspired Randomized Routing",
+                          summary="sliding window in a seeded random permutation of the tokens, causal in the "
+                                  "original order")

@@ -15,7 +15,6 @@ under `TRITON_INTERPRET=1` when requested explicitly).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -142,33 +141,17 @@ def _triton_why_not(q: torch.Tensor, selection: Optional[KVSelection], hkv: int,
     return None
 
 
-@dataclass(frozen=True)
 class DecodeCall:
     """A validated decode call, as the dispatcher sees it (`device`, `dtype`, `return_lse`, ...)."""
 
-    q: torch.Tensor  # [B, Tq, Hq, D]
-    cache: Any
-    selection: Optional[KVSelection]
-    scale: float
-    causal: bool
-    return_lse: bool
-    varlen: bool = False
+    varlen = False
 
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    @property
-    def requires_grad(self) -> bool:
-        return self.q.requires_grad
-
-    @property
-    def tk(self) -> int:
-        return int(self.cache.capacity)
+    def __init__(self, q: torch.Tensor, cache: Any, selection: Optional[KVSelection], scale: float, causal: bool,
+                 return_lse: bool) -> None:
+        self.q, self.cache, self.selection = q, cache, selection  # q: [B, Tq, Hq, D]
+        self.scale, self.causal, self.return_lse = scale, causal, return_lse
+        self.device, self.dtype, self.requires_grad = q.device, q.dtype, q.requires_grad
+        self.tk = int(cache.capacity)
 
 
 def _run_triton(call: DecodeCall, opts: Any) -> Any:

@@ -30,7 +30,8 @@ from .. import launch_env as _launch_env
 from ..jit import dot_precision, pow2
 from . import keymajor
 from . import querymajor as kern
-from .plan import TilePlan, _block_candidates, _pick, heads_per_tile, hsel_divisor, plan_query_tiles, tuned_configs  # noqa: F401
+from .plan import (TilePlan, block_candidates, heads_per_tile, hsel_divisor, pick_config,  # noqa: F401
+                   plan_query_tiles, tuned_configs)
 from ...core.contract import AttnkitError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,8 +68,8 @@ def _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scal
     default = (p.block_m, p.block_n, p.num_warps, p.num_stages)
     cands = [default]
     if p.rh == 1 and q.is_cuda:
-        cands += [c for c in _block_candidates("fwd", q_block, k_block, d > 64) if c != default]
-    launch(_pick(("fwd", p.rh, p.gather, d, dv, q.dtype, q_block, k_block, causal), cands, launch))
+        cands += [c for c in block_candidates("fwd", q_block, k_block, d > 64) if c != default]
+    launch(pick_config(("fwd", p.rh, p.gather, d, dv, q.dtype, q_block, k_block, causal), cands, launch))
     return out, lse
 
 
@@ -136,8 +137,8 @@ def _backward(do, q, k, v, out, lse, dlse, indices, cu_q, cu_k, max_q, max_k, q_
     default = (p.block_m, p.block_n, p.num_warps, p.num_stages)
     cands = [default]
     if p.rh == 1 and not p.gather and q.is_cuda:  # atomic (gather) mode accumulates: never re-run
-        cands += [c for c in _block_candidates("dq", q_block, k_block, d > 64) if c != default]
-    launch_dq(_pick(("dq", p.rh, p.gather, d, dv, q.dtype, q_block, k_block, causal), cands, launch_dq))
+        cands += [c for c in block_candidates("dq", q_block, k_block, d > 64) if c != default]
+    launch_dq(pick_config(("dq", p.rh, p.gather, d, dv, q.dtype, q_block, k_block, causal), cands, launch_dq))
     if p.gather:
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
     nkb = triton.cdiv(max(max_k, 1), k_block)
@@ -163,8 +164,8 @@ def _backward(do, q, k, v, out, lse, dlse, indices, cu_q, cu_k, max_q, max_k, q_
                8 if big else 4, 2)
     cands = [default]
     if q.is_cuda and q_block >= 64:
-        cands += [c for c in _block_candidates("dkdv", q_block, k_block, big) if c != default and c[1] <= k_block]
-    launch_dkdv(_pick(("dkdv", q_block >= 64, d, dv, q.dtype, q_block, k_block, causal), cands, launch_dkdv))
+        cands += [c for c in block_candidates("dkdv", q_block, k_block, big) if c != default and c[1] <= k_block]
+    launch_dkdv(pick_config(("dkdv", q_block >= 64, d, dv, q.dtype, q_block, k_block, causal), cands, launch_dkdv))
     return dq, dk_acc, dv_acc
 
 

@@ -77,7 +77,7 @@ def _time_launch(launch, cfg, reps: int = 3) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _pick(key: tuple, candidates: list, launch):
+def pick_config(key: tuple, candidates: list, launch):
     """The fastest candidate config for `key` (timed on first use, then cached); the first
     candidate when tuning is off (CPU interpreter, one candidate). Configs that fail to compile
     (too many resources) are skipped. Every kernel tuned this way writes, never accumulates, its
@@ -106,7 +106,7 @@ def tuned_configs() -> dict:
     return dict(_TUNED)
 
 
-def _block_candidates(kind: str, q_block: int, k_block: int, big: bool) -> list:
+def block_candidates(kind: str, q_block: int, k_block: int, big: bool) -> list:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) tried for block-mode tiles."""
     if kind == "fwd":
         cands = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
