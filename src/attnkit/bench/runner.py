@@ -50,7 +50,9 @@ class Config:
     max_run_s: Optional[float] = None  # skip a row whose single run is predicted to take longer
     max_minutes: Optional[float] = None
     fidelity_max_t: Optional[int] = None
-    backends: str = "auto"  # "auto": the dispatcher's choice; "all": every backend that can serve the call
+    # "auto": the dispatcher's choice; "all": every backend that can serve the call; else comma-separated
+    # backend names: a row for each named backend of the method
+    backends: str = "auto"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     baselines: bool = True
     causal: bool = True
@@ -116,6 +118,7 @@ def new_row(**fields: Any) -> dict[str, Any]:
         "method": None, "family": None, "kind": "method", "backend": None, "options": {}, "workload": None,
         "T": None, "batch": None, "heads_q": None, "heads_kv": None, "head_dim": None, "dtype": None,
         "device": None, "causal": True, "status": "ok", "error": None, "notes": [], "time_ms": None,
+        "time_min_ms": None, "time_max_ms": None,
         "select_ms": None, "repeats": 0, "flops": None, "tflops": None, "peak_memory_bytes": None, "memory_measure": None,
         "rel_error": None, "cosine": None, "lse_error": None, "recall": None, "recall_min": None,
         "density": None, "needle_hits": None, "speedup": None, "fidelity_note": None, "recall_source": None,
@@ -172,9 +175,21 @@ class Runner:
         n = len(list(self._groups()))
         return f"{len(self.specs)} methods + {len(self.baselines)} baselines over {n} (dtype, workload, T) groups"
 
+    def _named_backends(self, spec: MethodSpec) -> Optional[list[str]]:
+        """The backends named by `--backends` that the method has (None for auto / all)."""
+        if self.cfg.backends in ("auto", "all"):
+            return None
+        names = self.cfg.backends.split(",")
+        return [b.name for b in spec.backends if b.name in names]
+
+    def _planned(self, spec: MethodSpec) -> int:
+        named = self._named_backends(spec)
+        if named is not None:
+            return max(1, len(named))
+        return len(spec.backends) if self.cfg.backends == "all" else 1
+
     def _rows_per_group(self) -> int:
-        per_method = sum(len(s.backends) if self.cfg.backends == "all" else 1 for s in self.specs)
-        return len(self.baselines) + per_method
+        return len(self.baselines) + sum(self._planned(s) for s in self.specs)
 
     def _build(self, name: str, T: int, dtype: torch.dtype) -> Workload:
         c, dev = self.cfg, self.cfg.device
@@ -294,7 +309,7 @@ class Runner:
             return False, None
         try:
             timing, peak, how, first_out = measure(fn, dev, self.cfg.warmup, self.cfg.repeats, self.cfg.budget_s, first)
-            row.update(time_ms=timing.median_ms, repeats=timing.runs, peak_memory_bytes=peak, memory_measure=how)
+            row.update(time_ms=timing.median_ms, time_min_ms=timing.min_ms, time_max_ms=timing.max_ms, repeats=timing.runs, peak_memory_bytes=peak, memory_measure=how)
             self.last_time[key] = (row["T"], timing.median_ms / 1e3)
             return True, first_out
         except Exception as e:  # recorded in the row; the run goes on
@@ -354,7 +369,7 @@ class Runner:
         w = g.workload
         q, k, v, notes = self._inputs_for(spec, w)
         template = self._base_row(g, q, k, v, method=spec.name, family=spec.family, notes=list(notes))
-        n_planned = len(spec.backends) if self.cfg.backends == "all" else 1
+        n_planned = self._planned(spec)
 
         def fail(msg: str) -> list[dict[str, Any]]:
             template.update(status="error", error=msg)
@@ -373,7 +388,17 @@ class Runner:
             exp = choose_backend(spec, call, parse_options(spec, call, options))
         except Exception as e:
             return fail(_one_line(e))
-        if self.cfg.backends == "all":
+        named = self._named_backends(spec)
+        if named is not None:  # a named backend that cannot serve this call is a skipped row, with the reason
+            verdict = {n: (ok, why) for n, ok, why in exp.rows}
+            backends = [n for n in named if verdict.get(n, (False, ""))[0]]
+            if not backends:
+                template.update(status="skipped", error="; ".join(f"backend {n}: {verdict.get(n, (0, '?'))[1]}"
+                                                                  for n in named))
+                bar.add(1 - n_planned)
+                bar.step(spec.name)
+                return [template]
+        elif self.cfg.backends == "all":
             backends = [name for name, ok, _ in exp.rows if ok]
         else:
             backends = [exp.chosen] if exp.chosen else []
