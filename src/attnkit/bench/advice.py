@@ -134,7 +134,7 @@ class Decision:
             c = self.closest
             why += (f" (closest: {c.label} {c.speedup:.2f}x, recall {_fmt(c.recall)}, "
                     f"rel. error {_fmt(c.rel_error, '.1e')}: {c.problem})")
-        return f"{where}: use exact attention ({self.exact}, {self.exact_ms:.3g} ms); {why}."
+        return f"{where}: use exact attention (method='dense'; fastest exact kernel: {self.exact}, {self.exact_ms:.3g} ms); {why}."
 
 
 def _fmt(x: Optional[float], spec: str = ".2f") -> str:
@@ -236,7 +236,8 @@ def summary(doc: dict[str, Any]) -> list[str]:
         Ts = f"T = {ds[0].T}" if len(ds) == 1 else f"T = {ds[0].T} to {longest.T}"
         uses = sorted({d.use.label for d in ds if d.use})
         if not uses:
-            lines.append(f"On {machine} ({device}, {dtype}, {Ts}): use exact attention ({longest.exact}). "
+            lines.append(f"On {machine} ({device}, {dtype}, {Ts}): use exact attention, method='dense' "
+                         f"(fastest exact kernel here: {longest.exact}). "
                          f"No approximate method was faster than exact attention at recall >= {RECALL_MIN:g} and "
                          f"relative error <= {REL_ERROR_MAX:g}.")
         else:
@@ -260,9 +261,8 @@ def summary(doc: dict[str, Any]) -> list[str]:
                      "an idle machine or with more --repeats.")
     elif unknown and len(unknown) == len(timed):
         lines.append("Timing spread unknown (one timed run per row, or a results file without min/max).")
-    judged = sorted({w for d in decisions for w in d.workloads if w in JUDGING_WORKLOADS})
-    lines.append("Fidelity judged on " + (", ".join(judged) if judged else "the random workload (flat attention, "
-                 "the hardest case for a sparse method)") + f"; thresholds: recall >= {RECALL_MIN:g}, relative error "
+    lines.append(f"Fidelity is judged on the structured and real workloads where measured (else on random, flat "
+                 f"attention, the hardest case for a sparse method): recall >= {RECALL_MIN:g} and relative error "
                  f"<= {REL_ERROR_MAX:g} (attnkit.bench.advice).")
     return lines
 
