@@ -6,7 +6,7 @@ evaluated chunk by chunk (never `T x T`). It is looked up in this order:
 1. `family == "exact"` (dense, baselines): every causally visible key.
 2. `attnkit.methods.<name>.select(q, k, ...)`: the method's selection policy. Its parameters are
    filled by name from the inputs (`q`, `k`, `v`), the call (`causal`, `scale`) and the method's
-   options (the same keyword names, DESIGN.md section 6); it may return a `KVSelection`, a mask
+   options (the same keyword names as the method); it may return a `KVSelection`, a mask
    predicate (`core.masks.Mask`), or a tuple holding one.
 3. `attnkit.methods.<name>.mask(opts)`: a static pattern's predicate, from the parsed options.
 
