@@ -197,3 +197,18 @@ def test_gpu_preset_small(tmp_path: Path) -> None:
     assert rc == 0 and not validate(doc)
     dense = _rows(doc, "dense")[0]
     assert dense["memory_measure"] == "cuda_max_allocated" and dense["time_ms"] > 0, dense
+
+
+def test_backward_rows_time_forward_and_backward(tmp_path: Path) -> None:
+    common = ["bench", "--methods", "dense,moba", "--seqlens", "64", "--workloads", "random", "--repeats", "2",
+              "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "f")]) == 0
+    assert main([*common, "--backward", "--out", str(tmp_path / "b")]) == 0
+    fwd = {r["method"]: r for r in json.loads((tmp_path / "f" / "bench.json").read_text())["rows"]}
+    doc = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert not validate(doc) and doc["config"]["grad"] is True
+    for name, r in ((r["method"], r) for r in doc["rows"]):
+        assert r["status"] == "ok" and r["pass"] == "forward+backward", (name, r["status"], r["error"])
+        assert fwd[name]["pass"] == "forward"
+        # fidelity is the forward output's, whatever is timed
+        assert r["rel_error"] == pytest.approx(fwd[name]["rel_error"], rel=1e-6, abs=1e-12), name

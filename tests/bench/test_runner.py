@@ -57,3 +57,21 @@ def test_method_without_usable_example_is_an_error_row() -> None:
     runner = Runner(_config(methods=["sliding_window"], overrides={"sliding_window": {"window": 0}}), progress=False)
     row = [r for r in runner.run() if r["method"] == "sliding_window"][0]
     assert row["status"] == "error" and "window" in row["error"], row["error"]
+
+
+def test_backward_timing_runs_backward_and_drops_old_grads() -> None:
+    runner = Runner(_config(backward=True), progress=False)
+    (q,) = runner._grad_leaves(torch.randn(4, 3))
+    calls = []
+
+    def forward():
+        calls.append(1)
+        return (q * 2.0,)
+
+    step = runner._timed(forward, (q,))
+    with torch.no_grad():  # the runner times under no_grad; backward timing must re-enable it
+        step()
+        step()
+    assert len(calls) == 2 and q.grad is not None
+    assert torch.equal(q.grad, torch.full((4, 3), 2.0)), "gradients accumulated across timed runs"
+    assert Runner(_config(), progress=False)._timed(forward, (q,)) is forward

@@ -80,8 +80,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _key(row: Row) -> tuple[str, str, int]:
-    return row["device"], row["dtype"], row["T"]
+def _key(row: Row) -> tuple[str, str, int, str]:
+    return row["device"], row["dtype"], row["T"], row.get("pass") or "forward"
 
 
 def _variant(row: Row) -> tuple[str, str, str]:
@@ -109,6 +109,7 @@ class Decision:
     device: str
     dtype: str
     T: int
+    pass_: str  # "forward" or "forward+backward"
     exact: str  # the fastest exact row's label
     exact_ms: float
     workloads: list[str]
@@ -124,7 +125,7 @@ class Decision:
         return self.use.label if self.use else self.exact
 
     def sentence(self) -> str:
-        where = f"T={self.T} {self.dtype} on {self.device}"
+        where = f"T={self.T} {self.dtype} on {self.device}" + ("" if self.pass_ == "forward" else f", {self.pass_}")
         if self.use:
             c = self.use
             return (f"{where}: use {c.label}, {c.speedup:.2f}x faster than exact attention ({self.exact}) at "
@@ -214,6 +215,7 @@ def fronts(rows: list[Row]) -> dict[tuple[str, str, int, str], list[Row]]:
     out = {}
     for key in sorted(by):
         rs = by[key]
+        key = key[:3] + key[4:] if key[3] == "forward" else (key[0], f"{key[1]} {key[3]}", *key[2:3], key[4])
         idx = pareto_front([(r["speedup"], r["rel_error"]) for r in rs])
         out[key] = [rs[i] for i in idx]
     return out
@@ -228,10 +230,11 @@ def summary(doc: dict[str, Any]) -> list[str]:
     if not decisions:
         return [f"No recommendation: no exact-attention row finished on {machine}, so nothing can be compared."]
     lines = []
-    by_setting: dict[tuple[str, str], list[Decision]] = defaultdict(list)
+    by_setting: dict[tuple[str, str, str], list[Decision]] = defaultdict(list)
     for d in decisions:
-        by_setting[(d.device, d.dtype)].append(d)
-    for (device, dtype), ds in by_setting.items():
+        by_setting[(d.device, d.dtype, d.pass_)].append(d)
+    for (device, dtype, pass_), ds in by_setting.items():
+        dtype = dtype if pass_ == "forward" else f"{dtype}, {pass_}"
         longest = ds[-1]
         Ts = f"T = {ds[0].T}" if len(ds) == 1 else f"T = {ds[0].T} to {longest.T}"
         uses = sorted({d.use.label for d in ds if d.use})

@@ -97,6 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--backends", help="'auto' (the dispatcher's choice), 'all' (a row per backend that can run it), "
                                       "or backend names, e.g. triton,flex (a row per named backend of each method)")
     s.add_argument("--no-baselines", action="store_true", default=None, help="do not measure SDPA/Flex baselines")
+    s.add_argument("--backward", action="store_true", default=None,
+                   help="time forward + backward (inputs require grad; the loss is the output's sum)")
     m = p.add_argument_group("measurement")
     m.add_argument("--device", help="cpu or cuda (default: the preset's)")
     m.add_argument("--batch", help="batch size of the synthetic workloads")
@@ -331,7 +333,7 @@ def build_config(args: argparse.Namespace) -> Any:
     )
     if shape.heads_q % shape.heads_kv:
         raise UsageError(f"--kv-heads: expected a divisor of --heads {shape.heads_q}, got {shape.heads_kv}")
-    custom = any(getattr(args, a) for a in ("seqlens", "dtype", "methods", "workloads", "backends", "set"))
+    custom = any(getattr(args, a) for a in ("seqlens", "dtype", "methods", "workloads", "backends", "set", "backward"))
     config = Config(
         preset=f"{name}+custom" if custom else name,
         device=torch.device(device),
@@ -349,6 +351,7 @@ def build_config(args: argparse.Namespace) -> Any:
         backends=backends,
         overrides=_overrides([*pre.overrides, *(args.set or [])]),
         baselines=not args.no_baselines,
+        backward=bool(args.backward),
         seed=_int("--seed", args.seed, 0) if args.seed else 0,
         cache_dir=args.cache_dir,
     )

@@ -55,6 +55,7 @@ class Config:
     backends: str = "auto"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     baselines: bool = True
+    backward: bool = False  # time forward + backward (inputs require grad; the loss is the output's sum)
     causal: bool = True
     seed: int = 0
     cache_dir: Optional[str] = None
@@ -68,7 +69,7 @@ class Config:
             "max_minutes": self.max_minutes,
             "fidelity_max_t": self.fidelity_max_t, "backends": self.backends,
             "overrides": {m: json_options(o) for m, o in self.overrides.items()}, "baselines": self.baselines,
-            "causal": self.causal, "seed": self.seed, "grad": False,
+            "causal": self.causal, "seed": self.seed, "grad": self.backward,
         }
 
 
@@ -117,7 +118,7 @@ def new_row(**fields: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "method": None, "family": None, "kind": "method", "backend": None, "options": {}, "workload": None,
         "T": None, "batch": None, "heads_q": None, "heads_kv": None, "head_dim": None, "dtype": None,
-        "device": None, "causal": True, "status": "ok", "error": None, "notes": [], "time_ms": None,
+        "device": None, "causal": True, "pass": "forward", "status": "ok", "error": None, "notes": [], "time_ms": None,
         "time_min_ms": None, "time_max_ms": None,
         "select_ms": None, "repeats": 0, "flops": None, "tflops": None, "peak_memory_bytes": None, "memory_measure": None,
         "rel_error": None, "cosine": None, "lse_error": None, "recall": None, "recall_min": None,
@@ -253,7 +254,27 @@ class Runner:
     def _base_row(self, g: _Group, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **fields: Any) -> dict[str, Any]:
         return new_row(workload=g.workload.name, T=g.T, batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2],
                        head_dim=q.shape[3], dtype=DTYPE_NAMES[g.dtype], device=self.cfg.device.type,
-                       causal=g.causal, **fields)
+                       causal=g.causal, **{"pass": "forward+backward" if self.cfg.backward else "forward"}, **fields)
+
+    def _timed(self, forward: Callable[[], Any], leaves: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+        """What a row times: `forward`, or with `backward` set, forward then backward of the output's sum
+        (gradients of the previous run dropped first, so nothing accumulates)."""
+        if not self.cfg.backward:
+            return forward
+
+        def step() -> None:
+            for t in leaves:
+                t.grad = None
+            with torch.enable_grad():
+                out = forward()
+                (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        return step
+
+    def _grad_leaves(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Inputs as leaves that require grad (backward timing), else as they are."""
+        if not self.cfg.backward:
+            return xs
+        return tuple(x.detach().requires_grad_(True) for x in xs)
 
     def _run_group(self, g: _Group, bar: Progress) -> None:
         """Measure one (workload, T, dtype) group. Rows join `self.rows` as they are measured and
@@ -332,12 +353,14 @@ class Runner:
             row.update(status="skipped", error=why)
             return row
         scale = w.q.shape[-1] ** -0.5
+        leaves = self._grad_leaves(w.q, w.k, w.v)
         try:
-            fn = b.make(w.q, w.k, w.v, g.causal, scale)
+            fn = b.make(*leaves, g.causal, scale)
         except Exception as e:
             row.update(status="error", error=_one_line(e))
             return row
-        ok, first_out = self._measure(row, fn, (b.name, b.name, w.name, g.dtype), 2.0, first=fn if g.fidelity else None)
+        first = fn if g.fidelity and not self.cfg.backward else None
+        ok, first_out = self._measure(row, self._timed(fn, leaves), (b.name, b.name, w.name, g.dtype), 2.0, first=first)
         if not ok:
             return row
         pairs = metrics.visible_pairs_causal(w.q.shape[0], w.q.shape[2], w.q.shape[1], w.k.shape[1], g.causal)
@@ -368,6 +391,7 @@ class Runner:
     def _method_rows(self, g: _Group, spec: MethodSpec, bar: Progress) -> list[dict[str, Any]]:
         w = g.workload
         q, k, v, notes = self._inputs_for(spec, w)
+        q, k, v = self._grad_leaves(q, k, v)
         template = self._base_row(g, q, k, v, method=spec.name, family=spec.family, notes=list(notes))
         n_planned = self._planned(spec)
 
@@ -385,7 +409,8 @@ class Runner:
         options.update(self.cfg.overrides.get(spec.name, {}))
         template["options"] = json_options(options)
         try:
-            exp = choose_backend(spec, call, parse_options(spec, call, options))
+            with torch.set_grad_enabled(self.cfg.backward):  # backward timing: forward-only backends drop out
+                exp = choose_backend(spec, call, parse_options(spec, call, options))
         except Exception as e:
             return fail(_one_line(e))
         named = self._named_backends(spec)
@@ -492,7 +517,8 @@ class Runner:
 
         exponent = 1.0 if spec.family == "linear" else 2.0
         key = (spec.name, backend, g.workload.name, g.dtype)
-        ok, first_out = self._measure(row, fn, key, exponent, first=fid_fn if fidelity else None)
+        first = fid_fn if fidelity and not self.cfg.backward else None
+        ok, first_out = self._measure(row, self._timed(fn, (q, k, v)), key, exponent, first=first)
         if not ok:
             return
         stats, stats_note = selection_stats()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-SCHEMA_VERSION = 3  # 2: rows gained select_ms; 3: time_min_ms / time_max_ms, optional accuracy
+SCHEMA_VERSION = 3  # 2: rows gained select_ms; 3: time_min_ms / time_max_ms, pass, optional accuracy
 
 _NUM_OR_NULL = {"type": ["number", "null"]}
 _INT_OR_NULL = {"type": ["integer", "null"]}
@@ -20,7 +20,7 @@ ROW = {
     "type": "object",
     "required": [
         "method", "family", "kind", "backend", "options", "workload", "T", "batch", "heads_q", "heads_kv",
-        "head_dim", "dtype", "device", "causal", "status", "error", "notes", "time_ms", "time_min_ms", "time_max_ms", "select_ms", "repeats", "flops",
+        "head_dim", "dtype", "device", "causal", "pass", "status", "error", "notes", "time_ms", "time_min_ms", "time_max_ms", "select_ms", "repeats", "flops",
         "tflops", "peak_memory_bytes", "memory_measure", "rel_error", "cosine", "lse_error", "recall",
         "recall_min", "density", "needle_hits", "speedup", "fidelity_note", "recall_source",
     ],
@@ -40,6 +40,7 @@ ROW = {
         "dtype": {"enum": ["fp16", "bf16", "fp32", "fp64"]},
         "device": {"enum": ["cpu", "cuda"]},
         "causal": {"type": "boolean"},
+        "pass": {"enum": ["forward", "forward+backward"]},  # what the time covers
         "status": {"enum": ["ok", "error", "skipped"]},
         "error": _STR_OR_NULL,
         "notes": {"type": "array", "items": {"type": "string"}},
