@@ -66,15 +66,15 @@ PRESETS = {
     "gpu": Preset("cuda", tuple(1024 * 2**i for i in range(8)), ("bf16",), 1, 16, 4, 128, 2, 10, 5.0, 10.0, 9.0, 32768,
                   "all", about="one GPU: every method and backend, T=1K..128K, bf16, B=1 Hq=16 Hkv=4 D=128, "
                                "SDPA/cuDNN/flash/Flex baselines; bounded to 9 minutes"),
-    "sparse-targets": Preset("cuda", (4096, 16384, 65536), ("bf16",), 1, 64, 8, 128, 2, 5, 5.0, 20.0, 8.0, 16384,
+    "sparse-targets": Preset("cuda", (4096, 16384, 65536), ("bf16",), 1, 64, 4, 128, 2, 5, 5.0, 20.0, 7.0, 16384,
                              "all", methods="dense," + _SPARSE, workloads="random,structured",
                              about="content-routed sparse methods against exact attention at the long lengths "
-                                   "they target: Hq=64 Hkv=8 D=128, T=4K,16K,64K, bf16, every backend"),
-    "linear": Preset("cuda", (2048, 8192, 32768), ("bf16",), 1, 16, 16, 128, 2, 5, 5.0, 10.0, 8.0, None, "all",
+                                   "they target: Hq=64 Hkv=4 D=128, T=4K,16K,64K, bf16, every backend"),
+    "linear": Preset("cuda", (2048, 8192, 32768), ("bf16",), 1, 16, 16, 128, 2, 5, 5.0, 10.0, 7.0, None, "all",
                      methods="dense," + _LINEAR, workloads="random",
                      about="the linear family on every backend (fla, chunk) against exact attention: "
                            "Hq=Hkv=16 D=128, T=2K,8K,32K, bf16"),
-    "executors": Preset("cuda", (4096, 16384, 65536), ("bf16",), 1, 16, 4, 128, 2, 5, 5.0, 20.0, 8.0, 16384, "all",
+    "executors": Preset("cuda", (4096, 16384, 65536), ("bf16",), 1, 16, 4, 128, 2, 5, 5.0, 20.0, 7.0, 16384, "all",
                         methods="dense,sliding_window,dilated,strided,power,stochastic," + _SPARSE,
                         workloads="random",
                         about="every softmax-family method on every executor (reference, flex, triton) at "
