@@ -1,7 +1,7 @@
 """The selection alone: how a sparse method's policy is called, so the benchmark can time it.
 
-End-to-end rows time selection plus executor; `select_ms` isolates the first part (issue 6 item 4:
-the selection must not dominate on the GPU). The policy is found generically from the method module:
+End-to-end rows time selection plus executor; `select_ms` isolates the first part, so a reader sees
+whether the selection dominates. The policy is found generically from the method module:
 
 - `attnkit.methods.<name>.policy(call, opts)` (MoBA, DSA, block top-k, power, stochastic): called
   with the validated call and the parsed options, as the executor backends call it;
