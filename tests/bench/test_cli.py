@@ -212,3 +212,18 @@ def test_backward_rows_time_forward_and_backward(tmp_path: Path) -> None:
         assert fwd[name]["pass"] == "forward"
         # fidelity is the forward output's, whatever is timed
         assert r["rel_error"] == pytest.approx(fwd[name]["rel_error"], rel=1e-6, abs=1e-12), name
+
+
+def test_default_output_is_an_ignored_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make bench` (no --out) must not rewrite committed files: it writes under bench_out/, which git ignores."""
+    import argparse
+
+    from attnkit.bench.cli import _out_dir, add_arguments, build_config
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--quick", "--methods", "dense"])
+    out = _out_dir(args, build_config(args))
+    assert out.parts[0] == "bench_out" and out.name == "quick-cpu", out
+    root = Path(__file__).resolve().parents[2]
+    assert "bench_out/" in (root / ".gitignore").read_text().splitlines()
