@@ -75,3 +75,24 @@ def test_backward_timing_runs_backward_and_drops_old_grads() -> None:
     assert len(calls) == 2 and q.grad is not None
     assert torch.equal(q.grad, torch.full((4, 3), 2.0)), "gradients accumulated across timed runs"
     assert Runner(_config(), progress=False)._timed(forward, (q,)) is forward
+
+
+def test_dirty_flag_covers_sources_only(tmp_path) -> None:
+    import subprocess
+
+    from attnkit.bench import env
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.py").write_text("x = 1\n")
+    (tmp_path / "bench.json").write_text("{}\n")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "files")
+    (tmp_path / "bench.json").write_text('{"rows": []}\n')  # what a run writes
+    assert env.git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "src" / "m.py").write_text("x = 2\n")
+    assert env.git_commit(tmp_path)["dirty"] is True
