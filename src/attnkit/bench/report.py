@@ -94,7 +94,8 @@ def _header_lines(doc: dict[str, Any]) -> list[str]:
         f"- versions: {vers}",
         f"- commit: {commit}; created {doc['created']}",
         f"- synthetic shape: B={shape['batch']}, Hq={shape['heads_q']}, Hkv={shape['heads_kv']}, D={shape['head_dim']}; "
-        f"causal={cfg['causal']}; forward only; median of up to {cfg['repeats']} warm runs after {cfg['warmup']} warm-up",
+        f"causal={cfg['causal']}; {'forward + backward' if cfg.get('grad') else 'forward only'}; median, min and max "
+        f"of up to {cfg['repeats']} warm runs after {cfg['warmup']} warm-up",
     ]
 
 
@@ -117,7 +118,10 @@ def _help_lines() -> list[str]:
 def markdown(doc: dict[str, Any]) -> str:
     """The results as a Markdown document: summary, Pareto fronts, how to read, workloads, every row, notes."""
     lines = ["# attnkit bench results", "", *_header_lines(doc), "", "## Summary: what to use here", ""]
-    lines += advice.summary(doc)
+    for line in advice.summary(doc):  # paragraphs and lists apart, so Markdown renders them as such
+        if lines[-1] and not (line.startswith("- ") and lines[-1].startswith("- ")):
+            lines.append("")
+        lines.append(line)
     lines += ["", "## Pareto front of speed against fidelity", "",
               "Rows no other row beats on both speed and relative error, per device, dtype, length and workload.", ""]
     lines += _front_lines(doc)
