@@ -21,14 +21,17 @@ from typing import Any, Optional, Sequence
 
 
 def _kv_policies() -> list[dict[str, Any]]:
-    """One row per KV-cache eviction policy: name, summary, options."""
-    from .kv import POLICIES
+    """One row per KV-cache policy: eviction policies (what the cache keeps) and sparse readers (what a
+    decode step reads), each with its kind, summary and options (`attnkit.hf.kv_policy(model, name, ...)`)."""
+    from .kv import POLICIES, sparse
 
+    readers = {c.name: c for c in (sparse.Quest, sparse.Recycled, sparse.Santa, sparse.Routed)}
     rows = []
-    for name, cls in POLICIES.items():
-        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
-        rows.append({"name": name, "summary": " ".join(doc.split()),
-                     "options": [f.name for f in dataclasses.fields(cls)]})
+    for kind, classes in (("eviction", POLICIES), ("reader", readers)):
+        for name, cls in classes.items():
+            doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+            rows.append({"name": name, "kind": kind, "summary": " ".join(doc.split()),
+                         "options": [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]})
     return rows
 
 
@@ -48,11 +51,11 @@ def _list(args: argparse.Namespace) -> int:
             print(f"  {r['name']:<{width}}  {r['family']:<8} [{', '.join(r['backends'])}]  {caps}")
             print(f"  {'':<{width}}  options: {', '.join(r['options']) or 'none'}")
             print(f"  {'':<{width}}  {r['paper']}")
-        print("\nKV-cache policies (attnkit.kv, decoding with a bounded cache):")
+        print("\nKV-cache policies (attnkit.kv; attnkit.hf.kv_policy(model, NAME, **options)):")
         pols = _kv_policies()
         pw = max(len(p["name"]) for p in pols)
         for p in pols:
-            print(f"  {p['name']:<{pw}}  options: {', '.join(p['options'])}")
+            print(f"  {p['name']:<{pw}}  {p['kind']:<8} options: {', '.join(p['options'])}")
             print(f"  {'':<{pw}}  {p['summary']}")
     return 0
 

@@ -23,12 +23,14 @@ def test_list_shows_options_and_kv_policies(capsys: pytest.CaptureFixture) -> No
     out = capsys.readouterr().out
     assert "options: block_size, topk" in out, "moba's options are missing"
     assert "KV-cache policies" in out
-    for policy in ("streaming", "h2o", "snapkv", "razor"):
+    for policy in ("streaming", "h2o", "snapkv", "razor", "quest", "recycled", "santa"):
         assert f"\n  {policy}" in out, f"policy {policy} missing"
     assert main(["list", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert {m["name"] for m in doc["methods"]} >= {"dense", "moba"}
-    assert {p["name"]: p["options"] for p in doc["kv_policies"]}["snapkv"][0] == "budget"
+    pols = {p["name"]: p for p in doc["kv_policies"]}
+    assert pols["snapkv"]["options"][0] == "budget" and pols["snapkv"]["kind"] == "eviction"
+    assert pols["quest"]["options"] == ["topk"] and pols["quest"]["kind"] == "reader"
 
 
 def test_explain_names_the_chosen_backend(capsys: pytest.CaptureFixture) -> None:

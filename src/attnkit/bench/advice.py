@@ -279,7 +279,8 @@ COLUMN_HELP = {
     "backend": "which executor ran it (attnkit explain says why it was chosen)",
     "options": "the method's options for this row (its example options, plus --set overrides)",
     "time_ms": "median wall time of the timed runs, forward pass, selection included (CUDA events on a GPU)",
-    "spread": "fastest - slowest timed run in ms; '!' marks a slowest run more than 1.5x the fastest (noisy)",
+    "spread": "fastest - slowest timed run in ms; '!' marks a slowest run more than 1.5x the fastest (noisy); "
+              "'1 run' when the time budget allowed only one",
     "select_ms": "the method's selection alone (choosing which keys each query sees)",
     "speedup": "SDPA's median time / this row's, same workload, T and dtype; above 1 is faster than dense SDPA",
     "tflops": "FLOPs of the attention actually computed (visible pairs only) per second",

@@ -52,6 +52,8 @@ def cell(row: Row, key: str) -> str:
         lo, hi = row.get("time_min_ms"), row.get("time_max_ms")
         if lo is None or hi is None:
             return "-"
+        if (row.get("repeats") or 0) < 2:
+            return "1 run"  # the time budget allowed one timed run: no spread to show
         return f"{_ms(lo)}-{_ms(hi)}" + ("!" if advice.is_noisy(row) else "")
     val = row.get(key)
     if key == "status":
