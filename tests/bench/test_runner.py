@@ -96,3 +96,15 @@ def test_dirty_flag_covers_sources_only(tmp_path) -> None:
     assert env.git_commit(tmp_path)["dirty"] is False
     (tmp_path / "src" / "m.py").write_text("x = 2\n")
     assert env.git_commit(tmp_path)["dirty"] is True
+
+
+def test_forced_kernel_that_cannot_serve_the_inputs_is_skipped(monkeypatch) -> None:
+    def make(q, k, v, causal, scale):
+        def run():
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return run
+
+    fake = baselines.Baseline("sdpa-efficient", "forced kernel", lambda q: None, make)
+    monkeypatch.setattr(baselines, "BASELINES", (fake,))
+    row = [r for r in Runner(_config(), progress=False).run() if r["method"] == "sdpa-efficient"][0]
+    assert row["status"] == "skipped" and "cannot serve these inputs" in row["error"], row
