@@ -71,6 +71,21 @@ def test_full_selection_has_recall_one(tiny_run: tuple[Path, dict, int]) -> None
             assert r["needle_hits"] == 1.0, f"needle hits {r['needle_hits']}"
 
 
+def test_summary_names_what_to_use(tiny_run: tuple[Path, dict, int]) -> None:
+    out, doc, _ = tiny_run
+    page = (out / "report.html").read_text()
+    start = page.index('<section id="summary">')
+    summary = page[start:page.index("</section>", start)]
+    # on this CPU at T <= 128 nothing approximate beats SDPA at recall >= 0.9: the answer is exact attention
+    assert "use exact attention, method=&#x27;dense&#x27;" in summary, summary
+    assert "T=128 fp32 on cpu" in summary and "T=64 fp32 on cpu" in summary, summary
+    assert page.index('id="summary"') < page.index("<h2>Results</h2>"), "the summary must come before the table"
+    md = (out / "bench.md").read_text()
+    assert "## Summary: what to use here" in md and "## How to read the columns" in md and "Pareto front" in md
+    for r in doc["rows"]:
+        assert r["time_min_ms"] <= r["time_ms"] <= r["time_max_ms"], (r["method"], r["time_min_ms"], r["time_ms"])
+
+
 def test_reports_and_plots_written(tiny_run: tuple[Path, dict, int]) -> None:
     out, doc, _ = tiny_run
     for name in ("bench.json", "bench.md", "report.html", "time_vs_T.png", "fidelity_vs_speedup.png"):
@@ -92,7 +107,16 @@ def test_reports_and_plots_written(tiny_run: tuple[Path, dict, int]) -> None:
     (["--workloads", "images"], "--workloads: expected some of random, structured, real"),
     (["--set", "dense"], "--set: expected METHOD.OPTION=VALUE"),
     (["--set", "sliding_window.nope=3"], "--set: 'nope' is not an option of 'sliding_window'"),
-    (["--quick", "--gpu"], "--quick and --gpu are exclusive"),
+    (["--quick", "--gpu"], "are exclusive presets"),
+    (["--preset", "nope"], "--preset: expected one of quick, gpu"),
+    (["--set", "moba.topk=0"], "--set moba.topk=0: topk"),
+    (["--set", "sliding_window.window=-3"], "--set sliding_window.window=-3: window"),
+    (["--methods", "dense", "--set", "moba.topk=2"], "--set: method 'moba' is not in this run"),
+    (["--workloads", "real", "--seqlens", "256"], "--seqlens: the real workload has a fixed shape"),
+    (["--workloads", "real", "--heads", "4"], "--heads: the real workload has a fixed shape"),
+    (["--backends", "nope"], "--backends: no selected method has a backend 'nope'"),
+    (["--backends", "all,flex"], "--backends: 'all' cannot be combined"),
+    (["--backends", "triton", "--device", "cpu"], "--backends: 'triton' runs on cuda"),
     (["--budget", "-1"], "--budget: expected a positive number"),
     (["--kv-heads", "3"], "--kv-heads: expected a divisor of --heads"),
 ])
@@ -101,8 +125,53 @@ def test_bad_arguments_exit_nonzero_with_one_line(argv: list[str], message: str,
     rc = main(["bench", *argv, "--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     err = [line for line in err if "warning" not in line]
-    assert rc != 0, f"{argv}: exit status 0"
+    assert rc == 2, f"{argv}: exit status {rc}, expected 2"
     assert len(err) == 1 and message in err[0], f"{argv}: stderr {err!r} lacks {message!r}"
+    assert not (tmp_path / "o").exists(), f"{argv}: the output directory was created before the argument check"
+
+
+def test_stdout_ends_with_summary_and_failed_rows_exit_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from attnkit.bench import baselines
+
+    def make(q, k, v, causal, scale):
+        def run():
+            raise RuntimeError("kernel exploded")
+        return run
+
+    monkeypatch.setattr(baselines, "BASELINES", (baselines.Baseline("sdpa", "always fails", lambda q: None, make),))
+    argv = ["bench", "--methods", "dense", "--seqlens", "32", "--workloads", "random", "--repeats", "1",
+            "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--no-progress"]
+    rc = main([*argv, "--out", str(tmp_path / "a")])
+    out, err = capsys.readouterr()
+    assert rc == 1, f"a failed row must give exit status 1, got {rc}"
+    assert "1 rows failed at run time" in err and "--keep-going" in err, err
+    tail = out.strip().splitlines()
+    assert "Summary: what to use here" in out and tail[-1].startswith("Fidelity is judged"), tail[-3:]
+    assert "use exact attention" in out, out[-800:]
+    assert main([*argv, "--keep-going", "--out", str(tmp_path / "b")]) == 0
+
+
+def test_named_backends_give_one_row_per_named_backend(tmp_path: Path) -> None:
+    rc = main(["bench", "--methods", "dense,sliding_window", "--backends", "reference", "--seqlens", "32",
+               "--workloads", "random", "--repeats", "1", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
+               "--no-baselines", "--no-progress", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert rc == 0 and doc["config"]["backends"] == "reference"
+    got = sorted((r["method"], r["backend"], r["status"]) for r in doc["rows"])
+    assert got == [("dense", "reference", "ok"), ("sliding_window", "reference", "ok")], got
+
+
+def test_presets_are_complete_runs() -> None:
+    from attnkit.bench.cli import PRESETS, register_all
+    from attnkit.registry import get_method
+
+    register_all()
+    for name, p in PRESETS.items():
+        assert p.about, f"preset {name} has no description"
+        if p.methods != "all":
+            for m in p.methods.split(","):
+                get_method(m)  # raises for a method the preset names but the registry lacks
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU; this machine has one")
@@ -128,3 +197,33 @@ def test_gpu_preset_small(tmp_path: Path) -> None:
     assert rc == 0 and not validate(doc)
     dense = _rows(doc, "dense")[0]
     assert dense["memory_measure"] == "cuda_max_allocated" and dense["time_ms"] > 0, dense
+
+
+def test_backward_rows_time_forward_and_backward(tmp_path: Path) -> None:
+    common = ["bench", "--methods", "dense,moba", "--seqlens", "64", "--workloads", "random", "--repeats", "2",
+              "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "f")]) == 0
+    assert main([*common, "--backward", "--out", str(tmp_path / "b")]) == 0
+    fwd = {r["method"]: r for r in json.loads((tmp_path / "f" / "bench.json").read_text())["rows"]}
+    doc = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert not validate(doc) and doc["config"]["grad"] is True
+    for name, r in ((r["method"], r) for r in doc["rows"]):
+        assert r["status"] == "ok" and r["pass"] == "forward+backward", (name, r["status"], r["error"])
+        assert fwd[name]["pass"] == "forward"
+        # fidelity is the forward output's, whatever is timed
+        assert r["rel_error"] == pytest.approx(fwd[name]["rel_error"], rel=1e-6, abs=1e-12), name
+
+
+def test_default_output_is_an_ignored_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make bench` (no --out) must not rewrite committed files: it writes under bench_out/, which git ignores."""
+    import argparse
+
+    from attnkit.bench.cli import _out_dir, add_arguments, build_config
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--quick", "--methods", "dense"])
+    out = _out_dir(args, build_config(args))
+    assert out.parts[0] == "bench_out" and out.name == "quick-cpu", out
+    root = Path(__file__).resolve().parents[2]
+    assert "bench_out/" in (root / ".gitignore").read_text().splitlines()

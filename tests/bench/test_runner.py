@@ -57,3 +57,54 @@ def test_method_without_usable_example_is_an_error_row() -> None:
     runner = Runner(_config(methods=["sliding_window"], overrides={"sliding_window": {"window": 0}}), progress=False)
     row = [r for r in runner.run() if r["method"] == "sliding_window"][0]
     assert row["status"] == "error" and "window" in row["error"], row["error"]
+
+
+def test_backward_timing_runs_backward_and_drops_old_grads() -> None:
+    runner = Runner(_config(backward=True), progress=False)
+    (q,) = runner._grad_leaves(torch.randn(4, 3))
+    calls = []
+
+    def forward():
+        calls.append(1)
+        return (q * 2.0,)
+
+    step = runner._timed(forward, (q,))
+    with torch.no_grad():  # the runner times under no_grad; backward timing must re-enable it
+        step()
+        step()
+    assert len(calls) == 2 and q.grad is not None
+    assert torch.equal(q.grad, torch.full((4, 3), 2.0)), "gradients accumulated across timed runs"
+    assert Runner(_config(), progress=False)._timed(forward, (q,)) is forward
+
+
+def test_dirty_flag_covers_sources_only(tmp_path) -> None:
+    import subprocess
+
+    from attnkit.bench import env
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.py").write_text("x = 1\n")
+    (tmp_path / "bench.json").write_text("{}\n")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "files")
+    (tmp_path / "bench.json").write_text('{"rows": []}\n')  # what a run writes
+    assert env.git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "src" / "m.py").write_text("x = 2\n")
+    assert env.git_commit(tmp_path)["dirty"] is True
+
+
+def test_forced_kernel_that_cannot_serve_the_inputs_is_skipped(monkeypatch) -> None:
+    def make(q, k, v, causal, scale):
+        def run():
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return run
+
+    fake = baselines.Baseline("sdpa-efficient", "forced kernel", lambda q: None, make)
+    monkeypatch.setattr(baselines, "BASELINES", (fake,))
+    row = [r for r in Runner(_config(), progress=False).run() if r["method"] == "sdpa-efficient"][0]
+    assert row["status"] == "skipped" and "cannot serve these inputs" in row["error"], row

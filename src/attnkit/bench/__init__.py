@@ -1,4 +1,4 @@
-"""The benchmark: speed, memory and fidelity of every method on the same inputs (DESIGN.md section 8).
+"""The benchmark: speed, memory and fidelity of every method on the same inputs (docs/design.md, docs/benchmark.md).
 
 `attnkit bench` / `python -m attnkit.bench` (see docs/benchmark.md). Modules:
 

@@ -59,12 +59,13 @@ def versions() -> dict[str, Optional[str]]:
 
 
 def git_commit(root: Optional[Path] = None) -> dict[str, Any]:
-    """The commit of the attnkit checkout (read-only git calls) and whether the tree had changes."""
+    """The commit of the attnkit checkout (read-only git calls) and whether the package sources (`src/`)
+    differed from it: what was measured. Other files (results written by this very run, docs) do not count."""
     root = root or Path(__file__).resolve().parents[3]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src"], cwd=root,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
         return {"commit": sha, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):

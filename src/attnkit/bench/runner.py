@@ -50,9 +50,12 @@ class Config:
     max_run_s: Optional[float] = None  # skip a row whose single run is predicted to take longer
     max_minutes: Optional[float] = None
     fidelity_max_t: Optional[int] = None
-    backends: str = "auto"  # "auto": the dispatcher's choice; "all": every backend that can serve the call
+    # "auto": the dispatcher's choice; "all": every backend that can serve the call; else comma-separated
+    # backend names: a row for each named backend of the method
+    backends: str = "auto"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     baselines: bool = True
+    backward: bool = False  # time forward + backward (inputs require grad; the loss is the output's sum)
     causal: bool = True
     seed: int = 0
     cache_dir: Optional[str] = None
@@ -66,7 +69,7 @@ class Config:
             "max_minutes": self.max_minutes,
             "fidelity_max_t": self.fidelity_max_t, "backends": self.backends,
             "overrides": {m: json_options(o) for m, o in self.overrides.items()}, "baselines": self.baselines,
-            "causal": self.causal, "seed": self.seed, "grad": False,
+            "causal": self.causal, "seed": self.seed, "grad": self.backward,
         }
 
 
@@ -115,7 +118,8 @@ def new_row(**fields: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "method": None, "family": None, "kind": "method", "backend": None, "options": {}, "workload": None,
         "T": None, "batch": None, "heads_q": None, "heads_kv": None, "head_dim": None, "dtype": None,
-        "device": None, "causal": True, "status": "ok", "error": None, "notes": [], "time_ms": None,
+        "device": None, "causal": True, "pass": "forward", "status": "ok", "error": None, "notes": [], "time_ms": None,
+        "time_min_ms": None, "time_max_ms": None,
         "select_ms": None, "repeats": 0, "flops": None, "tflops": None, "peak_memory_bytes": None, "memory_measure": None,
         "rel_error": None, "cosine": None, "lse_error": None, "recall": None, "recall_min": None,
         "density": None, "needle_hits": None, "speedup": None, "fidelity_note": None, "recall_source": None,
@@ -172,9 +176,21 @@ class Runner:
         n = len(list(self._groups()))
         return f"{len(self.specs)} methods + {len(self.baselines)} baselines over {n} (dtype, workload, T) groups"
 
+    def _named_backends(self, spec: MethodSpec) -> Optional[list[str]]:
+        """The backends named by `--backends` that the method has (None for auto / all)."""
+        if self.cfg.backends in ("auto", "all"):
+            return None
+        names = self.cfg.backends.split(",")
+        return [b.name for b in spec.backends if b.name in names]
+
+    def _planned(self, spec: MethodSpec) -> int:
+        named = self._named_backends(spec)
+        if named is not None:
+            return max(1, len(named))
+        return len(spec.backends) if self.cfg.backends == "all" else 1
+
     def _rows_per_group(self) -> int:
-        per_method = sum(len(s.backends) if self.cfg.backends == "all" else 1 for s in self.specs)
-        return len(self.baselines) + per_method
+        return len(self.baselines) + sum(self._planned(s) for s in self.specs)
 
     def _build(self, name: str, T: int, dtype: torch.dtype) -> Workload:
         c, dev = self.cfg, self.cfg.device
@@ -238,7 +254,27 @@ class Runner:
     def _base_row(self, g: _Group, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **fields: Any) -> dict[str, Any]:
         return new_row(workload=g.workload.name, T=g.T, batch=q.shape[0], heads_q=q.shape[2], heads_kv=k.shape[2],
                        head_dim=q.shape[3], dtype=DTYPE_NAMES[g.dtype], device=self.cfg.device.type,
-                       causal=g.causal, **fields)
+                       causal=g.causal, **{"pass": "forward+backward" if self.cfg.backward else "forward"}, **fields)
+
+    def _timed(self, forward: Callable[[], Any], leaves: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+        """What a row times: `forward`, or with `backward` set, forward then backward of the output's sum
+        (gradients of the previous run dropped first, so nothing accumulates)."""
+        if not self.cfg.backward:
+            return forward
+
+        def step() -> None:
+            for t in leaves:
+                t.grad = None
+            with torch.enable_grad():
+                out = forward()
+                (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        return step
+
+    def _grad_leaves(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Inputs as leaves that require grad (backward timing), else as they are."""
+        if not self.cfg.backward:
+            return xs
+        return tuple(x.detach().requires_grad_(True) for x in xs)
 
     def _run_group(self, g: _Group, bar: Progress) -> None:
         """Measure one (workload, T, dtype) group. Rows join `self.rows` as they are measured and
@@ -294,7 +330,7 @@ class Runner:
             return False, None
         try:
             timing, peak, how, first_out = measure(fn, dev, self.cfg.warmup, self.cfg.repeats, self.cfg.budget_s, first)
-            row.update(time_ms=timing.median_ms, repeats=timing.runs, peak_memory_bytes=peak, memory_measure=how)
+            row.update(time_ms=timing.median_ms, time_min_ms=timing.min_ms, time_max_ms=timing.max_ms, repeats=timing.runs, peak_memory_bytes=peak, memory_measure=how)
             self.last_time[key] = (row["T"], timing.median_ms / 1e3)
             return True, first_out
         except Exception as e:  # recorded in the row; the run goes on
@@ -317,12 +353,18 @@ class Runner:
             row.update(status="skipped", error=why)
             return row
         scale = w.q.shape[-1] ** -0.5
+        leaves = self._grad_leaves(w.q, w.k, w.v)
         try:
-            fn = b.make(w.q, w.k, w.v, g.causal, scale)
+            fn = b.make(*leaves, g.causal, scale)
         except Exception as e:
             row.update(status="error", error=_one_line(e))
             return row
-        ok, first_out = self._measure(row, fn, (b.name, b.name, w.name, g.dtype), 2.0, first=fn if g.fidelity else None)
+        first = fn if g.fidelity and not self.cfg.backward else None
+        ok, first_out = self._measure(row, self._timed(fn, leaves), (b.name, b.name, w.name, g.dtype), 2.0, first=first)
+        if not ok and row["status"] == "error" and "No available kernel" in (row["error"] or ""):
+            # a forced SDPA kernel that does not serve these inputs (e.g. GQA on the memory-efficient one)
+            # is a baseline that does not apply here, not a failure of the run
+            row.update(status="skipped", error=f"this kernel cannot serve these inputs ({row['error']})")
         if not ok:
             return row
         pairs = metrics.visible_pairs_causal(w.q.shape[0], w.q.shape[2], w.q.shape[1], w.k.shape[1], g.causal)
@@ -353,8 +395,9 @@ class Runner:
     def _method_rows(self, g: _Group, spec: MethodSpec, bar: Progress) -> list[dict[str, Any]]:
         w = g.workload
         q, k, v, notes = self._inputs_for(spec, w)
+        q, k, v = self._grad_leaves(q, k, v)
         template = self._base_row(g, q, k, v, method=spec.name, family=spec.family, notes=list(notes))
-        n_planned = len(spec.backends) if self.cfg.backends == "all" else 1
+        n_planned = self._planned(spec)
 
         def fail(msg: str) -> list[dict[str, Any]]:
             template.update(status="error", error=msg)
@@ -370,10 +413,21 @@ class Runner:
         options.update(self.cfg.overrides.get(spec.name, {}))
         template["options"] = json_options(options)
         try:
-            exp = choose_backend(spec, call, parse_options(spec, call, options))
+            with torch.set_grad_enabled(self.cfg.backward):  # backward timing: forward-only backends drop out
+                exp = choose_backend(spec, call, parse_options(spec, call, options))
         except Exception as e:
             return fail(_one_line(e))
-        if self.cfg.backends == "all":
+        named = self._named_backends(spec)
+        if named is not None:  # a named backend that cannot serve this call is a skipped row, with the reason
+            verdict = {n: (ok, why) for n, ok, why in exp.rows}
+            backends = [n for n in named if verdict.get(n, (False, ""))[0]]
+            if not backends:
+                template.update(status="skipped", error="; ".join(f"backend {n}: {verdict.get(n, (0, '?'))[1]}"
+                                                                  for n in named))
+                bar.add(1 - n_planned)
+                bar.step(spec.name)
+                return [template]
+        elif self.cfg.backends == "all":
             backends = [name for name, ok, _ in exp.rows if ok]
         else:
             backends = [exp.chosen] if exp.chosen else []
@@ -467,7 +521,8 @@ class Runner:
 
         exponent = 1.0 if spec.family == "linear" else 2.0
         key = (spec.name, backend, g.workload.name, g.dtype)
-        ok, first_out = self._measure(row, fn, key, exponent, first=fid_fn if fidelity else None)
+        first = fid_fn if fidelity and not self.cfg.backward else None
+        ok, first_out = self._measure(row, self._timed(fn, (q, k, v)), key, exponent, first=first)
         if not ok:
             return
         stats, stats_note = selection_stats()

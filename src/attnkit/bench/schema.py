@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: rows gained select_ms
+SCHEMA_VERSION = 3  # 2: rows gained select_ms; 3: time_min_ms / time_max_ms, pass, optional accuracy
 
 _NUM_OR_NULL = {"type": ["number", "null"]}
 _INT_OR_NULL = {"type": ["integer", "null"]}
@@ -20,7 +20,7 @@ ROW = {
     "type": "object",
     "required": [
         "method", "family", "kind", "backend", "options", "workload", "T", "batch", "heads_q", "heads_kv",
-        "head_dim", "dtype", "device", "causal", "status", "error", "notes", "time_ms", "select_ms", "repeats", "flops",
+        "head_dim", "dtype", "device", "causal", "pass", "status", "error", "notes", "time_ms", "time_min_ms", "time_max_ms", "select_ms", "repeats", "flops",
         "tflops", "peak_memory_bytes", "memory_measure", "rel_error", "cosine", "lse_error", "recall",
         "recall_min", "density", "needle_hits", "speedup", "fidelity_note", "recall_source",
     ],
@@ -40,10 +40,13 @@ ROW = {
         "dtype": {"enum": ["fp16", "bf16", "fp32", "fp64"]},
         "device": {"enum": ["cpu", "cuda"]},
         "causal": {"type": "boolean"},
+        "pass": {"enum": ["forward", "forward+backward"]},  # what the time covers
         "status": {"enum": ["ok", "error", "skipped"]},
         "error": _STR_OR_NULL,
         "notes": {"type": "array", "items": {"type": "string"}},
-        "time_ms": _NUM_OR_NULL,
+        "time_ms": _NUM_OR_NULL,  # median of the timed runs
+        "time_min_ms": _NUM_OR_NULL,  # fastest and slowest timed run: the spread says how noisy the machine was
+        "time_max_ms": _NUM_OR_NULL,
         "select_ms": _NUM_OR_NULL,  # the method's selection alone; null where it has none (dense, baselines)
         "repeats": {"type": "integer", "minimum": 0},
         "flops": _NUM_OR_NULL,
@@ -60,6 +63,9 @@ ROW = {
         "speedup": _NUM_OR_NULL,
         "fidelity_note": _STR_OR_NULL,
         "recall_source": _STR_OR_NULL,
+        # optional: task accuracy of the method on a real model (e.g. `attnkit accuracy`), where measured;
+        # {"task": str, "metric": str, "value": number, "baseline": number or null, ...}
+        "accuracy": {"type": ["object", "null"], "required": ["task", "metric", "value"]},
     },
 }
 
