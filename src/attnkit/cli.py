@@ -95,15 +95,15 @@ def _explain(args: argparse.Namespace) -> int:
 
     import attnkit as ak
 
-    from .bench.cli import UsageError, _dtypes, _int, register_all
+    from .bench.cli import UsageError, parse_dtypes, parse_int, register_all
 
     register_all()
     try:
-        T = _int("--seqlen", args.seqlen, 1)
-        tq = _int("--q-len", args.q_len, 1) if args.q_len else T
-        B, H = _int("--batch", args.batch, 1), _int("--heads", args.heads, 1)
-        hkv, D = _int("--kv-heads", args.kv_heads, 1) if args.kv_heads else H, _int("--head-dim", args.head_dim, 1)
-        dtype = _dtypes(args.dtype)[0]
+        T = parse_int("--seqlen", args.seqlen, 1)
+        tq = parse_int("--q-len", args.q_len, 1) if args.q_len else T
+        B, H = parse_int("--batch", args.batch, 1), parse_int("--heads", args.heads, 1)
+        hkv, D = parse_int("--kv-heads", args.kv_heads, 1) if args.kv_heads else H, parse_int("--head-dim", args.head_dim, 1)
+        dtype = parse_dtypes(args.dtype)[0]
         device = args.device.strip().lower()
         if device not in ("cpu", "cuda"):
             raise UsageError(f"--device: expected cpu or cuda, got {args.device!r}")

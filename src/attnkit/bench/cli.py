@@ -127,7 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --- parsing ----------------------------------------------------------------------------------
 
 
-def _int(flag: str, text: str, minimum: int) -> int:
+def parse_int(flag: str, text: str, minimum: int) -> int:
     t = text.strip().lower()
     mult = 1
     if t.endswith("k"):
@@ -182,7 +182,7 @@ def _methods(text: Optional[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _dtypes(text: str) -> list[torch.dtype]:
+def parse_dtypes(text: str) -> list[torch.dtype]:
     from .runner import DTYPES
 
     aliases = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32",
@@ -313,7 +313,7 @@ def build_config(args: argparse.Namespace) -> Any:
         why = "--gpu" if args.gpu and not args.device else why
         raise UsageError(f"{why}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
                          "use --quick for the CPU run")
-    seqlens = [_int("--seqlens", x, 1) for x in _list("--seqlens", args.seqlens)] if args.seqlens else list(pre.seqlens)
+    seqlens = [parse_int("--seqlens", x, 1) for x in _list("--seqlens", args.seqlens)] if args.seqlens else list(pre.seqlens)
     wl_text = args.workloads or pre.workloads
     workloads = _list("--workloads", wl_text) if wl_text else list(WORKLOADS)
     for w in workloads:
@@ -329,10 +329,10 @@ def build_config(args: argparse.Namespace) -> Any:
     if not methods:
         raise UsageError("--methods: no method left to measure")
     shape = Shape(
-        batch=_int("--batch", args.batch, 1) if args.batch else pre.batch,
-        heads_q=_int("--heads", args.heads, 1) if args.heads else pre.heads,
-        heads_kv=_int("--kv-heads", args.kv_heads, 1) if args.kv_heads else pre.kv_heads,
-        head_dim=_int("--head-dim", args.head_dim, 1) if args.head_dim else pre.head_dim,
+        batch=parse_int("--batch", args.batch, 1) if args.batch else pre.batch,
+        heads_q=parse_int("--heads", args.heads, 1) if args.heads else pre.heads,
+        heads_kv=parse_int("--kv-heads", args.kv_heads, 1) if args.kv_heads else pre.kv_heads,
+        head_dim=parse_int("--head-dim", args.head_dim, 1) if args.head_dim else pre.head_dim,
     )
     if shape.heads_q % shape.heads_kv:
         raise UsageError(f"--kv-heads: expected a divisor of --heads {shape.heads_q}, got {shape.heads_kv}")
@@ -342,20 +342,20 @@ def build_config(args: argparse.Namespace) -> Any:
         device=torch.device(device),
         methods=methods,
         seqlens=list(dict.fromkeys(seqlens)),
-        dtypes=_dtypes(args.dtype) if args.dtype else _dtypes(",".join(pre.dtypes)),
+        dtypes=parse_dtypes(args.dtype) if args.dtype else parse_dtypes(",".join(pre.dtypes)),
         workloads=list(dict.fromkeys(workloads)),
         shape=shape,
-        warmup=_int("--warmup", args.warmup, 0) if args.warmup else pre.warmup,
-        repeats=_int("--repeats", args.repeats, 1) if args.repeats else pre.repeats,
+        warmup=parse_int("--warmup", args.warmup, 0) if args.warmup else pre.warmup,
+        repeats=parse_int("--repeats", args.repeats, 1) if args.repeats else pre.repeats,
         budget_s=_float("--budget", args.budget) if args.budget else pre.budget,
         max_run_s=_float("--max-run-seconds", args.max_run_seconds) if args.max_run_seconds else pre.max_run,
         max_minutes=_float("--max-minutes", args.max_minutes) if args.max_minutes else pre.max_minutes,
-        fidelity_max_t=_int("--fidelity-max-t", args.fidelity_max_t, 1) if args.fidelity_max_t else pre.fidelity_max_t,
+        fidelity_max_t=parse_int("--fidelity-max-t", args.fidelity_max_t, 1) if args.fidelity_max_t else pre.fidelity_max_t,
         backends=backends,
         overrides=_overrides([*pre.overrides, *(args.set or [])]),
         baselines=not args.no_baselines,
         backward=bool(args.backward),
-        seed=_int("--seed", args.seed, 0) if args.seed else 0,
+        seed=parse_int("--seed", args.seed, 0) if args.seed else 0,
         cache_dir=args.cache_dir,
     )
     _check_options(config)
