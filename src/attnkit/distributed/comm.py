@@ -30,6 +30,7 @@ class CommStats:
     backward_messages: int = 0
     steps: int = 0  # ring steps run (1 = local only)
     calls: int = 0  # local attention calls made in the forward pass
+    kernels: dict[str, str] = field(default_factory=dict)  # kernel name -> why (faster ones passed over)
     notes: list[str] = field(default_factory=list)
 
     def add(self, phase: str, nbytes: int, messages: int = 1) -> None:

@@ -54,11 +54,19 @@ class _Held:
 class _Ring:
     """One ring call's fixed state: the group, plan, visibility and kernel choice."""
 
-    def __init__(self, comm: Comm, sched: RingSchedule, scale: float, kernel: str, sink_pass: bool,
+    def __init__(self, comm: Comm, sched: RingSchedule, scale: float, kernel: str, dv: int, sink_pass: bool,
                  stats: Optional[CommStats]) -> None:
-        self.comm, self.sched, self.scale, self.kernel = comm, sched, scale, kernel
+        self.comm, self.sched, self.scale, self.kernel, self.dv = comm, sched, scale, kernel, dv
         self.sink_pass, self.stats = sink_pass, stats
         self.sink_vis = Visibility(causal=sched.vis.causal)
+
+    def kernel_for(self, q: torch.Tensor, tk: int, call: Call, used: Optional[dict[str, str]] = None) -> str:
+        """The kernel of one call (`blocks.pick_kernel`); `used` collects each kernel's description."""
+        choice = blocks.pick_kernel(self.kernel, q.device, q.dtype, q.shape[-1], self.dv, call.kind,
+                                    call.q_hi - call.q_lo, tk)
+        if used is not None:
+            used.setdefault(choice.name, choice.describe())
+        return choice.name
 
     def lengths(self, src: int) -> list[int]:
         return [s.length for s in self.sched.segs[src]]
@@ -112,19 +120,18 @@ class _RingAttention(torch.autograd.Function):
         comm, sched = ring.comm, ring.sched
         r, W = comm.rank, comm.world
         B, T, Hq, _ = q.shape
-        cd = blocks.accum_dtype(q.dtype)
-        acc_out = torch.zeros(B, T, Hq, v.shape[-1], dtype=cd, device=q.device)
-        acc_lse = torch.full((B, Hq, T), float("-inf"), dtype=cd, device=q.device)
-        held = _Held(sched.carried(r, 0), ring.lengths(r), k, v)
+        used: dict[str, str] = {}
         calls = 0
+        acc = blocks.OutputAccumulator(B, T, Hq, v.shape[-1], q.dtype, q.device)
+        held = _Held(sched.carried(r, 0), ring.lengths(r), k, v)
         for t in range(sched.steps):
             src = (r - t) % W
             pend, recv_segs = ring.kv_exchange(held, t, (k, v), "forward")
             for c in sched.calls(r, t):
                 lo, hi = held.rows(c.k_segs)
                 ob, lb = blocks.forward(q[:, c.q_lo:c.q_hi], held.k[:, lo:hi], held.v[:, lo:hi], ring.scale, c.kind,
-                                        ring.mask_for(c, src, held, sched.vis), ring.kernel)
-                blocks.merge_(acc_out[:, c.q_lo:c.q_hi], acc_lse[:, :, c.q_lo:c.q_hi], ob, lb)
+                                        ring.mask_for(c, src, held, sched.vis), ring.kernel_for(q, hi - lo, c, used))
+                acc.fold(c.q_lo, c.q_hi, ob, lb)
                 calls += 1
             if pend is not None:
                 got = pend.wait()  # always: a send's buffer must outlive its completion
@@ -137,15 +144,17 @@ class _RingAttention(torch.autograd.Function):
             sink_held = _Held((0,), [n], *sink_kv)
             for c in _sink_calls(ring, T, n):
                 ob, lb = blocks.forward(q[:, c.q_lo:c.q_hi], sink_kv[0], sink_kv[1], ring.scale, c.kind,
-                                        ring.mask_for(c, -1, sink_held, ring.sink_vis), ring.kernel)
-                blocks.merge_(acc_out[:, c.q_lo:c.q_hi], acc_lse[:, :, c.q_lo:c.q_hi], ob, lb)
+                                        ring.mask_for(c, -1, sink_held, ring.sink_vis),
+                                        ring.kernel_for(q, n, c, used))
+                acc.fold(c.q_lo, c.q_hi, ob, lb)
                 calls += 1
         if ring.stats is not None:
             ring.stats.steps = sched.steps
             ring.stats.calls = calls
-        out = acc_out.to(q.dtype)
+            ring.stats.kernels = used
+        out, lse = acc.result()
         ctx.ring = ring
-        ctx.save_for_backward(q, k, v, out, acc_lse, *(sink_kv or ()))
+        ctx.save_for_backward(q, k, v, out, lse, *(sink_kv or ()))
         return out
 
     @staticmethod
@@ -156,23 +165,26 @@ class _RingAttention(torch.autograd.Function):
         r, W = comm.rank, comm.world
         cd = blocks.accum_dtype(q.dtype)
         dout = dout.contiguous()
-        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-        dk = torch.zeros(k.shape, dtype=cd, device=q.device)
-        dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+        dq, dk, dv = blocks.GradAccumulator(q), blocks.GradAccumulator(k), blocks.GradAccumulator(v)
         held = _Held(sched.carried(r, 0), ring.lengths(r), k, v)
         inflight = []  # every posted exchange, finished before returning (send buffers stay alive)
         grad_next = None  # (pending, index): the travelling gradient of the shard held at the next step
         home = None  # (pending, index): our own shard's gradient, coming back from its last step
 
-        def rect_grads(c: Call, src: int, held: _Held, gk: torch.Tensor, gv: torch.Tensor, vis: Visibility) -> None:
+        def rect_grads(c: Call, src: int, held: _Held, gk, gv, vis: Visibility) -> None:
+            """Gradients of one call into dq and into `gk`, `gv` (accumulators or float buffers)."""
             lo, hi = held.rows(c.k_segs)
             rows = slice(c.q_lo, c.q_hi)
             gq, gk_c, gv_c = blocks.backward(dout[:, rows], q[:, rows], held.k[:, lo:hi], held.v[:, lo:hi],
                                              out[:, rows], lse[:, :, rows], ring.scale, c.kind,
-                                             ring.mask_for(c, src, held, vis), ring.kernel)
-            dq[:, rows] += gq
-            gk[:, lo:hi] += gk_c
-            gv[:, lo:hi] += gv_c
+                                             ring.mask_for(c, src, held, vis), ring.kernel_for(q, hi - lo, c))
+            dq.add(c.q_lo, c.q_hi, gq)
+            if isinstance(gk, blocks.GradAccumulator):
+                gk.add(lo, hi, gk_c)
+                gv.add(lo, hi, gv_c)
+            else:
+                gk[:, lo:hi] += gk_c
+                gv[:, lo:hi] += gv_c
 
         outbox: list = []
         for t in range(sched.steps):
@@ -218,8 +230,8 @@ class _RingAttention(torch.autograd.Function):
             rk, rv = p.wait()[i:i + 2]
             for g, (a, n) in _Held(sched.grad_segments(r), ring.lengths(r), rk, rv).offsets.items():
                 off = sched.segs[r][g].offset
-                dk[:, off:off + n] += rk[:, a:a + n]
-                dv[:, off:off + n] += rv[:, a:a + n]
+                dk.add_tensor(off, off + n, rk[:, a:a + n])
+                dv.add_tensor(off, off + n, rv[:, a:a + n])
         for p in inflight:
             p.wait()
         if ring.sink_pass:
@@ -233,9 +245,9 @@ class _RingAttention(torch.autograd.Function):
             gk = comm.all_reduce(gk, ring.stats, "backward")
             gv = comm.all_reduce(gv, ring.stats, "backward")
             if r == 0:
-                dk[:, :n] += gk
-                dv[:, :n] += gv
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+                dk.add_tensor(0, n, gk)
+                dv.add_tensor(0, n, gv)
+        return dq.result(), dk.result(), dv.result(), None
 
 
 def _grad_exchange(ring: _Ring, t: int, outbox: list, k: torch.Tensor, v: torch.Tensor, cd: torch.dtype):
@@ -319,5 +331,5 @@ def ring_attention(
     sink_pass = window is not None and 0 < sinks <= first_chunk
     vis = Visibility(causal=causal, window=window, sinks=sinks, exclude_sinks=sink_pass)
     sched = RingSchedule(comm.world, T, layout, vis)
-    ring = _Ring(comm, sched, call.scale, backend, sink_pass, stats)
+    ring = _Ring(comm, sched, call.scale, backend, call.head_dim_v, sink_pass, stats)
     return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), ring)
