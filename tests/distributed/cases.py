@@ -7,7 +7,7 @@ CI machine; each case is still reported as its own pytest test.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -20,7 +20,7 @@ class Case:
     op: str  # "ring", "ulysses", "hybrid", "bad_shard", "few_heads"
     layout: str = "zigzag"
     causal: bool = True
-    window: Optional[int] = None
+    window: Union[None, int, list[int]] = None
     sinks: int = 0
     B: int = 1
     T: int = 16
@@ -74,6 +74,9 @@ CASES: dict[int, list[Case]] = {
         _ring("ring_zigzag_causal_window_sinks", layout="zigzag", causal=True, window=3, sinks=2),
         _ring("ring_zigzag_noncausal_window", layout="zigzag", causal=False, window=4),
         _ring("ring_zigzag_causal_fp32", layout="zigzag", causal=True, dtype=torch.float32),
+        _ring("ring_zigzag_causal_perhead_windows_gqa", layout="zigzag", causal=True, T=32, window=[3, 3, 9, 9]),
+        _ring("ring_contiguous_causal_perhead_mixed_sinks", layout="contiguous", causal=True, window=[2, 5, 2, 5],
+              sinks=1),
         Case("ulysses_dense_causal_gqa", "ulysses", layout="contiguous", causal=True),
         Case("ulysses_dense_noncausal_zigzag", "ulysses", layout="zigzag", causal=False, hkv=4),
         Case("ulysses_sliding_window_mqa", "ulysses", layout="contiguous", causal=True, hkv=1,
@@ -88,6 +91,8 @@ CASES: dict[int, list[Case]] = {
         _ring("ring_contiguous_causal_full", layout="contiguous", causal=True, T=32),
         _ring("ring_contiguous_causal_window_sinks", layout="contiguous", causal=True, T=32, window=4, sinks=2),
         _ring("ring_zigzag_causal_window_sinks_circulate", layout="zigzag", causal=True, window=3, sinks=3),
+        _ring("ring_contiguous_causal_perhead_windows_sinks", layout="contiguous", causal=True, T=32,
+              window=[4, 4, 9, 9], sinks=2),
         Case("ulysses_dense_causal_zigzag_gqa", "ulysses", layout="zigzag", causal=True),
         Case("ulysses_sliding_window", "ulysses", layout="contiguous", causal=True, hkv=4,
              method="sliding_window", options={"window": 5, "sinks": 2}),

@@ -13,7 +13,7 @@ shard) and attended in their own pass, when they fit in rank 0's first chunk.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -284,7 +284,7 @@ def ring_attention(
     group: Optional[dist.ProcessGroup] = None,
     causal: bool = True,
     layout: str = "zigzag",
-    window: Optional[int] = None,
+    window: Union[None, int, Sequence[int]] = None,
     sinks: int = 0,
     scale: Optional[float] = None,
     *,
@@ -296,10 +296,12 @@ def ring_attention(
     `q: [B, T, Hq, D]`, `k: [B, T, Hkv, D]`, `v: [B, T, Hkv, Dv]` are this rank's shard (`T` local
     tokens, laid out by `layout`: see `attnkit.distributed.shard`); returns this rank's rows of the
     output `[B, T, Hq, Dv]`, equal to attention over the whole sequence. `causal` is in global
-    positions. `window` (int) and `sinks` follow the `sliding_window` method (visible iff
-    `|i - j| < window` or `j < sinks`, and causal); shards outside every window are neither
-    computed nor sent. `backend`: `reference`, `flash` (CUDA fp16/bf16) or `auto`. `stats`, if
-    given, receives the bytes this rank sent in forward and backward.
+    positions. `window` (an int, or one int per query head as in MSWA) and `sinks` follow the
+    `sliding_window` method (visible iff `|i - j| < window` or `j < sinks`, and causal); shards
+    outside every window are neither computed nor sent. Per-head windows run one ring per distinct
+    window over its heads (each with its own window-aware plan). `backend`: `auto`, `cudnn`,
+    `flash` or `reference` (`blocks.pick_kernel`; `stats.kernels` says which ran and why). `stats`,
+    if given, receives the bytes this rank sent in forward and backward.
 
     Every rank must call with equal shapes; a mismatch raises the same `AttnkitError` on all of
     them. Set a timeout in `init_process_group` so a rank that never calls cannot hang the rest.
@@ -311,8 +313,7 @@ def ring_attention(
         if backend not in blocks.KERNELS:
             raise AttnkitError(f"backend: expected one of {blocks.KERNELS}, got {backend!r}")
         call = validate_attention(q, k, v, causal=causal, scale=scale)
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise AttnkitError(f"window: expected None or an int >= 1, got {window!r}")
+        windows = _check_windows(window, call.hq)
         if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
             raise AttnkitError(f"sinks: expected an int >= 0, got {sinks!r}")
         if call.tq != call.tk:
@@ -321,11 +322,14 @@ def ring_attention(
         if call.tq % per:
             raise AttnkitError(f"q: layout {layout!r} needs a local length divisible by {per}, got {call.tq}")
         sig = [call.batch, call.tq, call.hq, call.hkv, call.head_dim, call.head_dim_v, dtype_code(call.dtype),
-               -1 if window is None else window, sinks]
+               _window_code(windows), sinks]
     except AttnkitError as e:
         problem = str(e)
     comm.agree(problem, sig, lambda s: (f"q [B={s[0]}, T={s[1]}, Hq={s[2]}, D={s[4]}], k/v Hkv={s[3]}, Dv={s[5]}, "
-                                        f"dtype {dtype_name(s[6])}, window={None if s[7] < 0 else s[7]}, sinks={s[8]}"))
+                                        f"dtype {dtype_name(s[6])}, window code {s[7]}, sinks={s[8]}"))
+    if isinstance(windows, tuple):
+        return _per_head_rings(q, k, v, group, causal, layout, windows, sinks, scale, backend, stats)
+    window = windows
     T = q.shape[1]
     first_chunk = segments(layout, comm.world, 0, T)[0].length
     sink_pass = window is not None and 0 < sinks <= first_chunk
@@ -333,3 +337,64 @@ def ring_attention(
     sched = RingSchedule(comm.world, T, layout, vis)
     ring = _Ring(comm, sched, call.scale, backend, call.head_dim_v, sink_pass, stats)
     return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), ring)
+
+
+def _check_windows(window: object, hq: int) -> Union[None, int, tuple[int, ...]]:
+    """None, one int, or a tuple of `hq` ints (a list whose entries are all equal becomes one int)."""
+    def ok(w: object) -> bool:
+        return isinstance(w, int) and not isinstance(w, bool) and w >= 1
+
+    if window is None or ok(window):
+        return window  # type: ignore[return-value]
+    if isinstance(window, (list, tuple)):
+        if len(window) != hq or not all(ok(w) for w in window):
+            raise AttnkitError(f"window: expected None, an int >= 1 or a list of {hq} ints >= 1 (one per query "
+                               f"head), got {list(window)!r}")
+        return window[0] if len(set(window)) == 1 else tuple(window)
+    raise AttnkitError(f"window: expected None, an int >= 1 or a per-head list of ints, got {window!r}")
+
+
+def _window_code(windows: Union[None, int, tuple[int, ...]]) -> int:
+    """An int that differs when the windows differ (for the ranks' agreement check; no hash seeds)."""
+    if windows is None:
+        return -1
+    if isinstance(windows, int):
+        return windows
+    code = 0
+    for w in windows:
+        code = (code * 1_000_003 + w) % (2**61 - 1)
+    return -2 - code
+
+
+def _per_head_rings(q, k, v, group, causal, layout, windows: tuple[int, ...], sinks, scale, backend, stats):
+    """One ring per distinct window over the query heads that have it. When those heads make up
+    whole GQA groups their KV heads travel once; otherwise each query head gets its KV head."""
+    hq, hkv = q.shape[2], k.shape[2]
+    g = hq // hkv
+    by_window: dict[int, list[int]] = {}
+    for h, w in enumerate(windows):
+        by_window.setdefault(w, []).append(h)
+    parts, order = [], []
+    if stats is not None:
+        stats.steps, stats.calls, stats.kernels = 0, 0, {}
+    for w, heads in by_window.items():
+        kv = sorted({h // g for h in heads})
+        if sorted(heads) == [j * g + i for j in kv for i in range(g)]:
+            kv_index = kv
+        else:
+            kv_index = [h // g for h in heads]
+        idx = torch.tensor(heads, device=q.device)
+        kv_idx = torch.tensor(kv_index, device=q.device)
+        sub = CommStats() if stats is not None else None
+        parts.append(ring_attention(q.index_select(2, idx), k.index_select(2, kv_idx), v.index_select(2, kv_idx),
+                                    group, causal, layout, w, sinks, scale, backend=backend, stats=sub))
+        order += heads
+        if stats is not None and sub is not None:
+            stats.add("forward", sub.forward_bytes, sub.forward_messages)
+            stats.add("backward", sub.backward_bytes, sub.backward_messages)
+            stats.steps = max(stats.steps, sub.steps)
+            stats.calls += sub.calls
+            for name, why in sub.kernels.items():
+                stats.kernels.setdefault(name, why)
+    inverse = torch.argsort(torch.tensor(order, device=q.device))
+    return torch.cat(parts, dim=2).index_select(2, inverse)
