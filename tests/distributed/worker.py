@@ -49,9 +49,18 @@ def _run_case(case: Case, world: int, rank: int, hybrid_groups: dict) -> dict:
     else:
         raise ValueError(case.op)
     out.backward(pieces[3])
-    sent = torch.tensor([stats.forward_bytes, stats.backward_bytes], dtype=torch.int64)
+    sent = [stats.forward_bytes, stats.backward_bytes]
+    if case.op == "ring":  # the plan's prediction for this rank, made without communicating
+        plan = cp.explain_ring(ql, kl, vl, world, rank, causal=case.causal, layout=case.layout, window=case.window,
+                               sinks=case.sinks)
+        sent += [plan.forward_bytes, plan.backward_bytes]
+    sent = torch.tensor(sent, dtype=torch.int64)
     dist.all_reduce(sent)
-    res = {"bytes_forward": int(sent[0]), "bytes_backward": int(sent[1]), "steps": stats.steps}
+    res = {"bytes_forward": int(sent[0]), "bytes_backward": int(sent[1]), "steps": stats.steps,
+           "calls": stats.calls, "kernels": dict(stats.kernels)}
+    if case.op == "ring":
+        res.update(predicted_forward=int(sent[2]), predicted_backward=int(sent[3]), predicted_steps=plan.steps,
+                   predicted_calls=plan.calls)
     for key, t in (("out", out), ("dq", ql.grad), ("dk", kl.grad), ("dv", vl.grad)):
         res[key] = _gather(t.detach(), case, world, rank)
     return res

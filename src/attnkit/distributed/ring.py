@@ -13,6 +13,7 @@ shard) and attended in their own pass, when they fit in rank 0's first chunk.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -98,11 +99,12 @@ class _Ring:
         return vis.mask(call.q_start - ((hi - lo) - tq), k_start)
 
 
-def _sink_calls(ring: _Ring, local_len: int, n_sinks: int) -> list[Call]:
-    """Calls of this rank's query segments against the `n_sinks` broadcast sink keys."""
+def _sink_calls(sched: RingSchedule, rank: int, local_len: int, n_sinks: int) -> list[Call]:
+    """Calls of `rank`'s query segments against the `n_sinks` broadcast sink keys."""
+    sink_vis = Visibility(causal=sched.vis.causal)
     out: list[Call] = []
-    for q in segments(ring.sched.layout, ring.comm.world, ring.comm.rank, local_len):
-        kind = ring.sink_vis.classify(q.start, q.stop, 0, n_sinks)
+    for q in segments(sched.layout, sched.world, rank, local_len):
+        kind = sink_vis.classify(q.start, q.stop, 0, n_sinks)
         if kind == NONE:
             continue
         kind = FULL if kind == FULL else PARTIAL
@@ -142,7 +144,7 @@ class _RingAttention(torch.autograd.Function):
             n = sched.vis.sinks
             sink_kv = tuple(comm.broadcast(x[:, :n], 0, ring.stats) for x in (k, v))
             sink_held = _Held((0,), [n], *sink_kv)
-            for c in _sink_calls(ring, T, n):
+            for c in _sink_calls(sched, r, T, n):
                 ob, lb = blocks.forward(q[:, c.q_lo:c.q_hi], sink_kv[0], sink_kv[1], ring.scale, c.kind,
                                         ring.mask_for(c, -1, sink_held, ring.sink_vis),
                                         ring.kernel_for(q, n, c, used))
@@ -240,7 +242,7 @@ class _RingAttention(torch.autograd.Function):
             gk = torch.zeros(sk.shape, dtype=cd, device=sk.device)
             gv = torch.zeros(sv.shape, dtype=cd, device=sv.device)
             sink_held = _Held((0,), [n], sk, sv)
-            for c in _sink_calls(ring, q.shape[1], n):
+            for c in _sink_calls(sched, r, q.shape[1], n):
                 rect_grads(c, -1, sink_held, gk, gv, ring.sink_vis)
             gk = comm.all_reduce(gk, ring.stats, "backward")
             gv = comm.all_reduce(gv, ring.stats, "backward")
@@ -329,12 +331,7 @@ def ring_attention(
                                         f"dtype {dtype_name(s[6])}, window code {s[7]}, sinks={s[8]}"))
     if isinstance(windows, tuple):
         return _per_head_rings(q, k, v, group, causal, layout, windows, sinks, scale, backend, stats)
-    window = windows
-    T = q.shape[1]
-    first_chunk = segments(layout, comm.world, 0, T)[0].length
-    sink_pass = window is not None and 0 < sinks <= first_chunk
-    vis = Visibility(causal=causal, window=window, sinks=sinks, exclude_sinks=sink_pass)
-    sched = RingSchedule(comm.world, T, layout, vis)
+    sched, sink_pass = plan(comm.world, q.shape[1], layout, causal, windows, sinks)
     ring = _Ring(comm, sched, call.scale, backend, call.head_dim_v, sink_pass, stats)
     return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), ring)
 
@@ -375,8 +372,7 @@ def _per_head_rings(q, k, v, group, causal, layout, windows: tuple[int, ...], si
     for h, w in enumerate(windows):
         by_window.setdefault(w, []).append(h)
     parts, order = [], []
-    if stats is not None:
-        stats.steps, stats.calls, stats.kernels = 0, 0, {}
+    steps, calls, kernels = 0, 0, {}
     for w, heads in by_window.items():
         kv = sorted({h // g for h in heads})
         if sorted(heads) == [j * g + i for j in kv for i in range(g)]:
@@ -385,16 +381,108 @@ def _per_head_rings(q, k, v, group, causal, layout, windows: tuple[int, ...], si
             kv_index = [h // g for h in heads]
         idx = torch.tensor(heads, device=q.device)
         kv_idx = torch.tensor(kv_index, device=q.device)
-        sub = CommStats() if stats is not None else None
+        # bytes accumulate in `stats` (backward too); steps, calls and kernels are per ring: combine them
         parts.append(ring_attention(q.index_select(2, idx), k.index_select(2, kv_idx), v.index_select(2, kv_idx),
-                                    group, causal, layout, w, sinks, scale, backend=backend, stats=sub))
+                                    group, causal, layout, w, sinks, scale, backend=backend, stats=stats))
         order += heads
-        if stats is not None and sub is not None:
-            stats.add("forward", sub.forward_bytes, sub.forward_messages)
-            stats.add("backward", sub.backward_bytes, sub.backward_messages)
-            stats.steps = max(stats.steps, sub.steps)
-            stats.calls += sub.calls
-            for name, why in sub.kernels.items():
-                stats.kernels.setdefault(name, why)
+        if stats is not None:
+            steps, calls = max(steps, stats.steps), calls + stats.calls
+            kernels.update({n: why for n, why in stats.kernels.items() if n not in kernels})
+    if stats is not None:
+        stats.steps, stats.calls, stats.kernels = steps, calls, kernels
     inverse = torch.argsort(torch.tensor(order, device=q.device))
     return torch.cat(parts, dim=2).index_select(2, inverse)
+
+
+def plan(world: int, local_len: int, layout: str, causal: bool, window: Optional[int],
+         sinks: int) -> tuple[RingSchedule, bool]:
+    """The ring's schedule for one window, and whether sinks get their own broadcast pass (they do
+    when a window is set and the sinks fit in rank 0's first chunk; otherwise they circulate)."""
+    first_chunk = segments(layout, world, 0, local_len)[0].length
+    sink_pass = window is not None and 0 < sinks <= first_chunk
+    vis = Visibility(causal=causal, window=window, sinks=sinks, exclude_sinks=sink_pass)
+    return RingSchedule(world, local_len, layout, vis), sink_pass
+
+
+def predicted_bytes(sched: RingSchedule, sink_pass: bool, rank: int, kv_token_bytes: int,
+                    grad_token_bytes: int) -> tuple[int, int]:
+    """Bytes `rank` sends in forward and backward under `sched`: the key/value segments it forwards
+    (`kv_token_bytes` per token: B * Hkv * (D + Dv) * itemsize), the travelling key/value gradients
+    (`grad_token_bytes` per token, accumulation dtype), the sink broadcast and its gradient reduce."""
+    W = sched.world
+    kv = sum(sched.seg_len((rank - t) % W, g) for t in range(sched.steps - 1)
+             for g in sched.carried((rank - t) % W, t + 1)) if W > 1 else 0
+    grads = sum(sched.seg_len(src, g) for t in range(1, sched.steps) for src in [(rank - t) % W]
+                if t <= sched.last[src] for g in sched.grad_segments(src))
+    fwd, bwd = kv * kv_token_bytes, kv * kv_token_bytes + grads * grad_token_bytes
+    if sink_pass:
+        n = sched.vis.sinks
+        fwd += n * kv_token_bytes * (W - 1) if rank == 0 else 0
+        bwd += n * grad_token_bytes
+    return fwd, bwd
+
+
+@dataclass
+class RingExplanation:
+    """What `ring_attention` will do on one rank: plan size, kernels and the bytes it will send."""
+
+    world: int
+    rank: int
+    steps: int = 0
+    calls: int = 0
+    kernels: dict[str, str] = field(default_factory=dict)  # kernel -> why (faster ones passed over)
+    forward_bytes: int = 0
+    backward_bytes: int = 0
+    rings: int = 1  # one per distinct per-head window
+
+    def __str__(self) -> str:
+        ks = "; ".join(f"{k}: {why}" for k, why in self.kernels.items())
+        return (f"ring on rank {self.rank}/{self.world}: {self.rings} ring(s), {self.steps} steps, {self.calls} "
+                f"local calls, kernels [{ks}], sends {self.forward_bytes} B forward, {self.backward_bytes} B backward")
+
+
+def explain_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int, rank: int = 0, causal: bool = True,
+                 layout: str = "zigzag", window: Union[None, int, Sequence[int]] = None, sinks: int = 0,
+                 backend: str = "auto") -> RingExplanation:
+    """For this rank's shards (any device, `meta` included) and a world size, say what
+    `ring_attention` with the same arguments would run and send; needs no process group."""
+    check_layout(layout)
+    if backend not in blocks.KERNELS:
+        raise AttnkitError(f"backend: expected one of {blocks.KERNELS}, got {backend!r}")
+    call = validate_attention(q, k, v, causal=causal)
+    windows = _check_windows(window, call.hq)
+    if isinstance(windows, tuple):
+        groups: dict[int, list[int]] = {}
+        for h, w in enumerate(windows):
+            groups.setdefault(w, []).append(h)
+        g = call.hq // call.hkv
+        subs = []
+        for w, heads in groups.items():
+            kv = sorted({h // g for h in heads})
+            n_kv = len(kv) if sorted(heads) == [j * g + i for j in kv for i in range(g)] else len(heads)
+            kv_like = [x[:, :, :1].expand(-1, -1, n_kv, -1) for x in (k, v)]
+            subs.append(explain_ring(q[:, :, heads], *kv_like, world, rank, causal, layout,
+                                     w, sinks, backend))
+        out = RingExplanation(world, rank, rings=len(subs))
+        for sub in subs:
+            out.steps, out.calls = max(out.steps, sub.steps), out.calls + sub.calls
+            out.forward_bytes += sub.forward_bytes
+            out.backward_bytes += sub.backward_bytes
+            for name, why in sub.kernels.items():
+                out.kernels.setdefault(name, why)
+        return out
+    sched, sink_pass = plan(world, call.tq, layout, causal, windows, sinks)
+    token = call.batch * call.hkv * (call.head_dim + call.head_dim_v)
+    fwd, bwd = predicted_bytes(sched, sink_pass, rank, token * q.element_size(),
+                               token * torch.empty((), dtype=blocks.accum_dtype(q.dtype)).element_size())
+    out = RingExplanation(world, rank, steps=sched.steps, forward_bytes=fwd, backward_bytes=bwd)
+    calls = [(c, sum(sched.seg_len((rank - t) % world, g) for g in c.k_segs))
+             for t in range(sched.steps) for c in sched.calls(rank, t)]
+    if sink_pass:
+        calls += [(c, sinks) for c in _sink_calls(sched, rank, call.tq, sinks)]
+    for c, tk in calls:
+        choice = blocks.pick_kernel(backend, q.device, q.dtype, call.head_dim, call.head_dim_v, c.kind,
+                                    c.q_hi - c.q_lo, tk)
+        out.kernels.setdefault(choice.name, choice.describe())
+    out.calls = len(calls)
+    return out
