@@ -32,6 +32,13 @@ class Case:
     options: dict[str, Any] = field(default_factory=dict)
     ulysses_size: int = 1
     seed: int = 0
+    gates: tuple[str, ...] = ()  # tensor options [B, T, Hq] passed with option_layout "heads"
+
+    def gate_tensors(self) -> dict[str, torch.Tensor]:
+        """Global gate tensors `[B, T, Hq]` in (0, 1), same on every process."""
+        g = torch.Generator().manual_seed(self.seed + 1)
+        return {name: torch.rand(self.B, self.T, self.hq, generator=g, dtype=torch.float64).to(self.dtype)
+                for name in self.gates}
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """Global q [B, T, Hq, D], k, v [B, T, Hkv, D] and dout [B, T, Hq, D], same on every process."""
@@ -53,7 +60,14 @@ def reference(case: Case, compute_dtype: Optional[torch.dtype] = torch.float64) 
     """Single-process attention over the whole sequence: output and gradients of q, k, v."""
     q, k, v, do = case.inputs()
     q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    out, _ = naive_attention(q, k, v, causal=case.causal, mask=case.mask(), compute_dtype=compute_dtype)
+    if case.gates:  # a method with tensor options: its own single-process definition, in float64
+        import attnkit
+
+        assert case.dtype == torch.float64, "gated cases are checked in float64"
+        out = attnkit.attention(q, k, v, method=case.method, causal=case.causal, backend="reference",
+                                **case.options, **case.gate_tensors())
+    else:
+        out, _ = naive_attention(q, k, v, causal=case.causal, mask=case.mask(), compute_dtype=compute_dtype)
     out.backward(do.to(out.dtype))
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
@@ -81,9 +95,13 @@ CASES: dict[int, list[Case]] = {
         Case("ulysses_dense_noncausal_zigzag", "ulysses", layout="zigzag", causal=False, hkv=4),
         Case("ulysses_sliding_window_mqa", "ulysses", layout="contiguous", causal=True, hkv=1,
              method="sliding_window", options={"window": 3, "sinks": 1}),
+        Case("ulysses_nsa_gates_heads_zigzag", "ulysses", layout="zigzag", causal=True, T=32, method="nsa",
+             options={"block_size": 4, "topk": 2, "window": 4}, gates=("g_cmp", "g_slc", "g_swa")),
         Case("hybrid_u2_r1_zigzag_causal", "hybrid", layout="zigzag", causal=True, ulysses_size=2),
         Case("bad_shard", "bad_shard", layout="zigzag"),
         Case("few_heads", "few_heads", layout="contiguous", hq=1, hkv=1),
+        Case("kv_heads_indivisible", "few_heads", layout="contiguous", hq=6, hkv=3),
+        Case("gate_without_layout", "few_heads", layout="contiguous", T=32),
     ],
     4: [
         _ring("ring_zigzag_causal_gqa", layout="zigzag", causal=True),
@@ -101,6 +119,9 @@ CASES: dict[int, list[Case]] = {
              sinks=1, ulysses_size=2),
         Case("bad_shard", "bad_shard", layout="contiguous"),
         Case("few_heads", "few_heads", layout="contiguous", hq=2, hkv=1),
+        Case("heads_indivisible", "few_heads", layout="contiguous", hq=6, hkv=2),
+        Case("ulysses_nsa_gates_heads", "ulysses", layout="contiguous", causal=True, T=32, hkv=4, method="nsa",
+             options={"block_size": 4, "topk": 2}, gates=("g_cmp", "g_slc")),
     ],
 }
 

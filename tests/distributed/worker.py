@@ -39,8 +39,10 @@ def _run_case(case: Case, world: int, rank: int, hybrid_groups: dict) -> dict:
         out = cp.ring_attention(ql, kl, vl, causal=case.causal, layout=case.layout, window=case.window,
                                 sinks=case.sinks, stats=stats)
     elif case.op == "ulysses":
+        gates = {name: cp.shard(g, world, rank, case.layout) for name, g in case.gate_tensors().items()}
         out = cp.ulysses_attention(ql, kl, vl, method=case.method, causal=case.causal, layout=case.layout,
-                                   stats=stats, **case.options)
+                                   stats=stats, option_layout={name: "heads" for name in gates}, **case.options,
+                                   **gates)
     elif case.op == "hybrid":
         if case.ulysses_size not in hybrid_groups:
             hybrid_groups[case.ulysses_size] = cp.hybrid_groups(case.ulysses_size)
@@ -78,6 +80,10 @@ def _run_error_case(case: Case, world: int, rank: int) -> dict:
             if rank == bad_rank:
                 ql, kl, vl = (x[:, : x.shape[1] - 2] for x in (ql, kl, vl))
             cp.ring_attention(ql, kl, vl, causal=True, layout=case.layout)
+        elif case.name == "gate_without_layout":
+            gate = cp.shard(torch.rand(q.shape[:3], dtype=q.dtype), world, rank, case.layout)
+            cp.ulysses_attention(ql, kl, vl, causal=True, layout=case.layout, method="nsa", block_size=4, topk=2,
+                                 g_cmp=gate)
         else:
             cp.ulysses_attention(ql, kl, vl, causal=True, layout=case.layout)
     except Exception as e:  # noqa: BLE001 - the test inspects type and message

@@ -181,6 +181,8 @@ class Comm:
         if bad:
             texts: list[Optional[str]] = [None] * self.world
             dist.all_gather_object(texts, problem, group=self.group)
+            if len(bad) == self.world and len(set(texts)) == 1:  # the same mistake everywhere: say it as is
+                raise AttnkitError(str(texts[0]))
             lines = "; ".join(f"rank {r}: {texts[r]}" for r in bad)
             raise AttnkitError(f"{self.what}: invalid input on {len(bad)} of {self.world} ranks: {lines}")
         differ = [r for r in range(self.world) if sigs[r] != sigs[0]]
