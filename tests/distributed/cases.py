@@ -33,6 +33,10 @@ class Case:
     ulysses_size: int = 1
     seed: int = 0
     gates: tuple[str, ...] = ()  # tensor options [B, T, Hq] passed with option_layout "heads"
+    cu_seqlens: Optional[tuple[int, ...]] = None  # packed sequences (global offsets), B == 1
+
+    def cu(self) -> Optional[torch.Tensor]:
+        return None if self.cu_seqlens is None else torch.tensor(self.cu_seqlens, dtype=torch.int32)
 
     def gate_tensors(self) -> dict[str, torch.Tensor]:
         """Global gate tensors `[B, T, Hq]` in (0, 1), same on every process."""
@@ -67,7 +71,8 @@ def reference(case: Case, compute_dtype: Optional[torch.dtype] = torch.float64) 
         out = attnkit.attention(q, k, v, method=case.method, causal=case.causal, backend="reference",
                                 **case.options, **case.gate_tensors())
     else:
-        out, _ = naive_attention(q, k, v, causal=case.causal, mask=case.mask(), compute_dtype=compute_dtype)
+        out, _ = naive_attention(q, k, v, causal=case.causal, mask=case.mask(), cu_seqlens=case.cu(),
+                                 compute_dtype=compute_dtype)
     out.backward(do.to(out.dtype))
     return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
@@ -91,6 +96,8 @@ CASES: dict[int, list[Case]] = {
         _ring("ring_zigzag_causal_perhead_windows_gqa", layout="zigzag", causal=True, T=32, window=[3, 3, 9, 9]),
         _ring("ring_contiguous_causal_perhead_mixed_sinks", layout="contiguous", causal=True, window=[2, 5, 2, 5],
               sinks=1),
+        _ring("ring_zigzag_causal_varlen_gqa", layout="zigzag", causal=True, T=32, cu_seqlens=(0, 5, 14, 14, 27, 32)),
+        _ring("ring_contiguous_noncausal_varlen", layout="contiguous", causal=False, cu_seqlens=(0, 7, 16)),
         Case("ulysses_dense_causal_gqa", "ulysses", layout="contiguous", causal=True),
         Case("ulysses_dense_noncausal_zigzag", "ulysses", layout="zigzag", causal=False, hkv=4),
         Case("ulysses_sliding_window_mqa", "ulysses", layout="contiguous", causal=True, hkv=1,
@@ -111,6 +118,12 @@ CASES: dict[int, list[Case]] = {
         _ring("ring_zigzag_causal_window_sinks_circulate", layout="zigzag", causal=True, window=3, sinks=3),
         _ring("ring_contiguous_causal_perhead_windows_sinks", layout="contiguous", causal=True, T=32,
               window=[4, 4, 9, 9], sinks=2),
+        _ring("ring_zigzag_causal_varlen_window_sinks", layout="zigzag", causal=True, T=32, window=4, sinks=1,
+              cu_seqlens=(0, 3, 17, 32)),
+        _ring("ring_contiguous_causal_varlen_perhead_windows", layout="contiguous", causal=True, T=32,
+              window=[3, 3, 6, 6], cu_seqlens=(0, 9, 32)),
+        _ring("ring_contiguous_causal_varlen_one_per_rank", layout="contiguous", causal=True, T=32,
+              cu_seqlens=(0, 8, 16, 24, 32)),
         Case("ulysses_dense_causal_zigzag_gqa", "ulysses", layout="zigzag", causal=True),
         Case("ulysses_sliding_window", "ulysses", layout="contiguous", causal=True, hkv=4,
              method="sliding_window", options={"window": 5, "sinks": 2}),

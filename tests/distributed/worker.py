@@ -37,7 +37,7 @@ def _run_case(case: Case, world: int, rank: int, hybrid_groups: dict) -> dict:
     stats = cp.CommStats()
     if case.op == "ring":
         out = cp.ring_attention(ql, kl, vl, causal=case.causal, layout=case.layout, window=case.window,
-                                sinks=case.sinks, stats=stats)
+                                sinks=case.sinks, cu_seqlens=case.cu(), stats=stats)
     elif case.op == "ulysses":
         gates = {name: cp.shard(g, world, rank, case.layout) for name, g in case.gate_tensors().items()}
         out = cp.ulysses_attention(ql, kl, vl, method=case.method, causal=case.causal, layout=case.layout,
@@ -54,7 +54,7 @@ def _run_case(case: Case, world: int, rank: int, hybrid_groups: dict) -> dict:
     sent = [stats.forward_bytes, stats.backward_bytes]
     if case.op == "ring":  # the plan's prediction for this rank, made without communicating
         plan = cp.explain_ring(ql, kl, vl, world, rank, causal=case.causal, layout=case.layout, window=case.window,
-                               sinks=case.sinks)
+                               sinks=case.sinks, cu_seqlens=case.cu())
         sent += [plan.forward_bytes, plan.backward_bytes]
     sent = torch.tensor(sent, dtype=torch.int64)
     dist.all_reduce(sent)

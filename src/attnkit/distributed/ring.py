@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from ..core.contract import AttnkitError, validate_attention
+from ..core.contract import AttnkitError, check_cu_seqlens, validate_attention
 from ..core.masks import Mask
 from . import blocks
 from .comm import Comm, CommStats, dtype_code, dtype_name
@@ -290,6 +290,7 @@ def ring_attention(
     sinks: int = 0,
     scale: Optional[float] = None,
     *,
+    cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     stats: Optional[CommStats] = None,
 ) -> torch.Tensor:
@@ -303,13 +304,16 @@ def ring_attention(
     outside every window are neither computed nor sent. Per-head windows run one ring per distinct
     window over its heads (each with its own window-aware plan). `backend`: `auto`, `cudnn`,
     `flash` or `reference` (`blocks.pick_kernel`; `stats.kernels` says which ran and why). `stats`,
-    if given, receives the bytes this rank sent in forward and backward.
+    if given, receives the bytes this rank sent in forward and backward. `cu_seqlens` (int [N+1],
+    the same on every rank, in *global* positions, B == 1) packs N sequences: attention stays inside
+    each, windows and sinks count from each sequence's start, and shards two ranks' sequences
+    never share are neither computed nor sent.
 
     Every rank must call with equal shapes; a mismatch raises the same `AttnkitError` on all of
     them. Set a timeout in `init_process_group` so a rank that never calls cannot hang the rest.
     """
     comm = Comm(group, "ring_attention")
-    problem, sig = None, [-1] * 9
+    problem, sig, docs = None, [-1] * 10, None
     try:
         check_layout(layout)
         if backend not in blocks.KERNELS:
@@ -323,15 +327,18 @@ def ring_attention(
         per = chunks_per_rank(layout)
         if call.tq % per:
             raise AttnkitError(f"q: layout {layout!r} needs a local length divisible by {per}, got {call.tq}")
+        if cu_seqlens is not None:
+            docs = tuple(check_cu_seqlens(cu_seqlens, comm.world * call.tq, call.batch, q.device).tolist())
         sig = [call.batch, call.tq, call.hq, call.hkv, call.head_dim, call.head_dim_v, dtype_code(call.dtype),
-               _window_code(windows), sinks]
+               _window_code(windows), sinks, -1 if docs is None else _window_code(docs)]
     except AttnkitError as e:
         problem = str(e)
     comm.agree(problem, sig, lambda s: (f"q [B={s[0]}, T={s[1]}, Hq={s[2]}, D={s[4]}], k/v Hkv={s[3]}, Dv={s[5]}, "
-                                        f"dtype {dtype_name(s[6])}, window code {s[7]}, sinks={s[8]}"))
+                                        f"dtype {dtype_name(s[6])}, window code {s[7]}, sinks={s[8]}, "
+                                        f"cu_seqlens code {s[9]}"))
     if isinstance(windows, tuple):
-        return _per_head_rings(q, k, v, group, causal, layout, windows, sinks, scale, backend, stats)
-    sched, sink_pass = plan(comm.world, q.shape[1], layout, causal, windows, sinks)
+        return _per_head_rings(q, k, v, group, causal, layout, windows, sinks, scale, backend, stats, cu_seqlens)
+    sched, sink_pass = plan(comm.world, q.shape[1], layout, causal, windows, sinks, docs)
     ring = _Ring(comm, sched, call.scale, backend, call.head_dim_v, sink_pass, stats)
     return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), ring)
 
@@ -363,7 +370,8 @@ def _window_code(windows: Union[None, int, tuple[int, ...]]) -> int:
     return -2 - code
 
 
-def _per_head_rings(q, k, v, group, causal, layout, windows: tuple[int, ...], sinks, scale, backend, stats):
+def _per_head_rings(q, k, v, group, causal, layout, windows: tuple[int, ...], sinks, scale, backend, stats,
+                    cu_seqlens):
     """One ring per distinct window over the query heads that have it. When those heads make up
     whole GQA groups their KV heads travel once; otherwise each query head gets its KV head."""
     hq, hkv = q.shape[2], k.shape[2]
@@ -383,7 +391,8 @@ def _per_head_rings(q, k, v, group, causal, layout, windows: tuple[int, ...], si
         kv_idx = torch.tensor(kv_index, device=q.device)
         # bytes accumulate in `stats` (backward too); steps, calls and kernels are per ring: combine them
         parts.append(ring_attention(q.index_select(2, idx), k.index_select(2, kv_idx), v.index_select(2, kv_idx),
-                                    group, causal, layout, w, sinks, scale, backend=backend, stats=stats))
+                                    group, causal, layout, w, sinks, scale, cu_seqlens=cu_seqlens, backend=backend,
+                                    stats=stats))
         order += heads
         if stats is not None:
             steps, calls = max(steps, stats.steps), calls + stats.calls
@@ -394,13 +403,14 @@ def _per_head_rings(q, k, v, group, causal, layout, windows: tuple[int, ...], si
     return torch.cat(parts, dim=2).index_select(2, inverse)
 
 
-def plan(world: int, local_len: int, layout: str, causal: bool, window: Optional[int],
-         sinks: int) -> tuple[RingSchedule, bool]:
+def plan(world: int, local_len: int, layout: str, causal: bool, window: Optional[int], sinks: int,
+         docs: Optional[tuple[int, ...]] = None) -> tuple[RingSchedule, bool]:
     """The ring's schedule for one window, and whether sinks get their own broadcast pass (they do
-    when a window is set and the sinks fit in rank 0's first chunk; otherwise they circulate)."""
+    when a window is set, the sequence is not packed and the sinks fit in rank 0's first chunk;
+    otherwise they circulate)."""
     first_chunk = segments(layout, world, 0, local_len)[0].length
-    sink_pass = window is not None and 0 < sinks <= first_chunk
-    vis = Visibility(causal=causal, window=window, sinks=sinks, exclude_sinks=sink_pass)
+    sink_pass = window is not None and docs is None and 0 < sinks <= first_chunk
+    vis = Visibility(causal=causal, window=window, sinks=sinks, exclude_sinks=sink_pass, docs=docs)
     return RingSchedule(world, local_len, layout, vis), sink_pass
 
 
@@ -443,7 +453,7 @@ class RingExplanation:
 
 def explain_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int, rank: int = 0, causal: bool = True,
                  layout: str = "zigzag", window: Union[None, int, Sequence[int]] = None, sinks: int = 0,
-                 backend: str = "auto") -> RingExplanation:
+                 backend: str = "auto", cu_seqlens: Optional[torch.Tensor] = None) -> RingExplanation:
     """For this rank's shards (any device, `meta` included) and a world size, say what
     `ring_attention` with the same arguments would run and send; needs no process group."""
     check_layout(layout)
@@ -462,7 +472,7 @@ def explain_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int, 
             n_kv = len(kv) if sorted(heads) == [j * g + i for j in kv for i in range(g)] else len(heads)
             kv_like = [x[:, :, :1].expand(-1, -1, n_kv, -1) for x in (k, v)]
             subs.append(explain_ring(q[:, :, heads], *kv_like, world, rank, causal, layout,
-                                     w, sinks, backend))
+                                     w, sinks, backend, cu_seqlens))
         out = RingExplanation(world, rank, rings=len(subs))
         for sub in subs:
             out.steps, out.calls = max(out.steps, sub.steps), out.calls + sub.calls
@@ -471,7 +481,9 @@ def explain_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int, 
             for name, why in sub.kernels.items():
                 out.kernels.setdefault(name, why)
         return out
-    sched, sink_pass = plan(world, call.tq, layout, causal, windows, sinks)
+    docs = None if cu_seqlens is None else tuple(
+        check_cu_seqlens(cu_seqlens, world * call.tq, call.batch, cu_seqlens.device).tolist())
+    sched, sink_pass = plan(world, call.tq, layout, causal, windows, sinks, docs)
     token = call.batch * call.hkv * (call.head_dim + call.head_dim_v)
     fwd, bwd = predicted_bytes(sched, sink_pass, rank, token * q.element_size(),
                                token * torch.empty((), dtype=blocks.accum_dtype(q.dtype)).element_size())

@@ -72,7 +72,7 @@ class RingSchedule:
         become one call, and query segments with identical calls merge."""
         src = (rank - t) % self.world
         qsegs, kinds = self.segs[rank], self.kinds[t][src]
-        if t == 0 and self.vis.causal and self.vis.window is None:
+        if t == 0 and self.vis.causal and self.vis.window is None and self.vis.docs is None:
             # own shard, plain causal: local order is global order, so local causality is exact
             return [Call(0, self.local_len, tuple(range(len(qsegs))), CAUSAL, qsegs[0].start)]
         per_q: list[list[Call]] = []
