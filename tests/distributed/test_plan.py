@@ -16,17 +16,24 @@ from attnkit.distributed.schedule import RingSchedule
 
 def _visible(vis: Visibility, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """The rule written out directly (brute force over tiny ranges)."""
+    same = None
+    if vis.docs is not None:  # sequence-local positions, nothing across sequences
+        bounds = torch.tensor(vis.docs)
+        di, dj = (torch.bucketize(x, bounds, right=True) - 1 for x in (i, j))
+        i, j, same = i - bounds[di], j - bounds[di], di == dj
     m = (j <= i) if vis.causal else torch.ones_like(i - j, dtype=torch.bool)
     if vis.window is not None:
         w = (i - j).abs() < vis.window
         if vis.sinks:
             w = (w & (j >= vis.sinks)) if vis.exclude_sinks else (w | (j < vis.sinks))
         m = m & w
-    return m
+    return m if same is None else m & same
 
 
+# packed sequences over positions [0, 32): sorted cut points, empty sequences allowed
+docs = st.lists(st.integers(0, 32), max_size=5).map(lambda cuts: tuple([0] + sorted(cuts) + [32]))
 visibilities = st.builds(Visibility, st.booleans(), st.one_of(st.none(), st.integers(1, 12)), st.integers(0, 6),
-                         st.booleans())
+                         st.booleans(), st.one_of(st.none(), docs))
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
