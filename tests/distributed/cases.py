@@ -60,11 +60,58 @@ class Case:
         return m | masks.sinks(sinks) if sinks else m
 
 
+def global_selection(case: Case):
+    """The whole sequence's selection for a "selection" case: a registered method's own `select`
+    (block_topk, moba) or `local` (each query block: its own and the previous key block)."""
+    from attnkit.core.selection import KVSelection
+    from attnkit.methods import block_topk, moba
+
+    q, k, _, _ = case.inputs()
+    bs = case.options["block_size"]
+    if case.method == "block_topk":
+        return block_topk.select(q, k, block_size=bs, topk=case.options["topk"], causal=case.causal)
+    if case.method == "moba":
+        return moba.select(q, k, block_size=bs, topk=case.options["topk"], causal=case.causal)
+    n = case.T // bs
+    own = torch.arange(n).view(1, 1, n, 1)
+    rows = torch.cat([own, torch.where(own > 0, own - 1, torch.full_like(own, -1))], -1)
+    return KVSelection(rows.expand(case.B, 1, n, 2).to(torch.int32).contiguous(), bs, bs)
+
+
+def selection_bytes(case: Case, world: int) -> int:
+    """Forward bytes the selection-aware exchange must send (all ranks): every key block a rank's
+    queries selected from another rank's shard, once."""
+    from attnkit.distributed import positions
+
+    sel = global_selection(case)
+    local = case.T // world
+    owner = torch.empty(case.T, dtype=torch.int64)
+    for r in range(world):
+        owner[positions(case.layout, world, r, local)] = r
+    total = 0
+    for r in range(world):
+        qpos = positions(case.layout, world, r, local)
+        rows = sel.indices[:, :, (qpos // sel.q_block).unique()]
+        blocks = rows[rows >= 0].long().unique()
+        total += int((owner[blocks * sel.k_block] != r).sum())
+    itemsize = torch.empty((), dtype=case.dtype).element_size()
+    return total * sel.k_block * case.B * case.hkv * 2 * case.d * itemsize
+
+
 def reference(case: Case, compute_dtype: Optional[torch.dtype] = torch.float64) -> dict[str, torch.Tensor]:
     """Single-process attention over the whole sequence: output and gradients of q, k, v."""
     q, k, v, do = case.inputs()
     q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    if case.gates:  # a method with tensor options: its own single-process definition, in float64
+    if case.op == "selection":  # the single-process selection method (or attention under the selection)
+        import attnkit
+
+        if case.method == "local":
+            out, _ = naive_attention(q, k, v, causal=case.causal, selection=global_selection(case),
+                                     compute_dtype=compute_dtype)
+        else:
+            out = attnkit.attention(q, k, v, method=case.method, causal=case.causal, backend="reference",
+                                    **case.options)
+    elif case.gates:  # a method with tensor options: its own single-process definition, in float64
         import attnkit
 
         assert case.dtype == torch.float64, "gated cases are checked in float64"
@@ -98,6 +145,10 @@ CASES: dict[int, list[Case]] = {
               sinks=1),
         _ring("ring_zigzag_causal_varlen_gqa", layout="zigzag", causal=True, T=32, cu_seqlens=(0, 5, 14, 14, 27, 32)),
         _ring("ring_contiguous_noncausal_varlen", layout="contiguous", causal=False, cu_seqlens=(0, 7, 16)),
+        Case("selection_block_topk_zigzag", "selection", layout="zigzag", T=32, method="block_topk",
+             options={"block_size": 4, "topk": 2}),
+        Case("selection_moba_contiguous", "selection", layout="contiguous", T=32, hkv=4, method="moba",
+             options={"block_size": 4, "topk": 2}),
         Case("ulysses_dense_causal_gqa", "ulysses", layout="contiguous", causal=True),
         Case("ulysses_dense_noncausal_zigzag", "ulysses", layout="zigzag", causal=False, hkv=4),
         Case("ulysses_sliding_window_mqa", "ulysses", layout="contiguous", causal=True, hkv=1,
@@ -124,6 +175,10 @@ CASES: dict[int, list[Case]] = {
               window=[3, 3, 6, 6], cu_seqlens=(0, 9, 32)),
         _ring("ring_contiguous_causal_varlen_one_per_rank", layout="contiguous", causal=True, T=32,
               cu_seqlens=(0, 8, 16, 24, 32)),
+        Case("selection_local_contiguous", "selection", layout="contiguous", T=32, method="local",
+             options={"block_size": 4}),
+        Case("selection_block_topk_contiguous", "selection", layout="contiguous", T=32, method="block_topk",
+             options={"block_size": 4, "topk": 3}),
         Case("ulysses_dense_causal_zigzag_gqa", "ulysses", layout="zigzag", causal=True),
         Case("ulysses_sliding_window", "ulysses", layout="contiguous", causal=True, hkv=4,
              method="sliding_window", options={"window": 5, "sinks": 2}),

@@ -38,6 +38,13 @@ def _run_case(case: Case, world: int, rank: int, hybrid_groups: dict) -> dict:
     if case.op == "ring":
         out = cp.ring_attention(ql, kl, vl, causal=case.causal, layout=case.layout, window=case.window,
                                 sinks=case.sinks, cu_seqlens=case.cu(), stats=stats)
+    elif case.op == "selection":
+        from attnkit.distributed.selection_ring import selection_ring_attention, shard_selection
+
+        from .cases import global_selection
+
+        sel = shard_selection(global_selection(case), world, rank, case.layout, ql.shape[1])
+        out = selection_ring_attention(ql, kl, vl, sel, causal=case.causal, layout=case.layout, stats=stats)
     elif case.op == "ulysses":
         gates = {name: cp.shard(g, world, rank, case.layout) for name, g in case.gate_tensors().items()}
         out = cp.ulysses_attention(ql, kl, vl, method=case.method, causal=case.causal, layout=case.layout,
@@ -59,6 +66,7 @@ def _run_case(case: Case, world: int, rank: int, hybrid_groups: dict) -> dict:
     sent = torch.tensor(sent, dtype=torch.int64)
     dist.all_reduce(sent)
     res = {"bytes_forward": int(sent[0]), "bytes_backward": int(sent[1]), "steps": stats.steps,
+           "skipped_steps": stats.skipped_steps,
            "calls": stats.calls, "kernels": dict(stats.kernels)}
     if case.op == "ring":
         res.update(predicted_forward=int(sent[2]), predicted_backward=int(sent[3]), predicted_steps=plan.steps,

@@ -29,6 +29,7 @@ class CommStats:
     forward_messages: int = 0
     backward_messages: int = 0
     steps: int = 0  # ring steps run (1 = local only)
+    skipped_steps: int = 0  # steps of the selection-aware exchange that no rank needed
     calls: int = 0  # local attention calls made in the forward pass
     kernels: dict[str, str] = field(default_factory=dict)  # kernel name -> why (faster ones passed over)
     notes: list[str] = field(default_factory=list)
