@@ -64,7 +64,7 @@ def global_selection(case: Case):
     """The whole sequence's selection for a "selection" case: a registered method's own `select`
     (block_topk, moba) or `local` (each query block: its own and the previous key block)."""
     from attnkit.core.selection import KVSelection
-    from attnkit.methods import block_topk, moba
+    from attnkit.methods import block_topk, moba, nsa
 
     q, k, _, _ = case.inputs()
     bs = case.options["block_size"]
@@ -72,6 +72,8 @@ def global_selection(case: Case):
         return block_topk.select(q, k, block_size=bs, topk=case.options["topk"], causal=case.causal)
     if case.method == "moba":
         return moba.select(q, k, block_size=bs, topk=case.options["topk"], causal=case.causal)
+    if case.method == "nsa_selected":  # NSA's selected branch: per KV group, by compressed attention
+        return nsa.select(q, k, block_size=bs, topk=case.options["topk"], causal=case.causal)
     n = case.T // bs
     own = torch.arange(n).view(1, 1, n, 1)
     rows = torch.cat([own, torch.where(own > 0, own - 1, torch.full_like(own, -1))], -1)
@@ -105,7 +107,7 @@ def reference(case: Case, compute_dtype: Optional[torch.dtype] = torch.float64) 
     if case.op == "selection":  # the single-process selection method (or attention under the selection)
         import attnkit
 
-        if case.method == "local":
+        if case.method in ("local", "nsa_selected"):
             out, _ = naive_attention(q, k, v, causal=case.causal, selection=global_selection(case),
                                      compute_dtype=compute_dtype)
         else:
@@ -177,6 +179,8 @@ CASES: dict[int, list[Case]] = {
               cu_seqlens=(0, 8, 16, 24, 32)),
         Case("selection_local_contiguous", "selection", layout="contiguous", T=32, method="local",
              options={"block_size": 4}),
+        Case("selection_nsa_selected_zigzag_gqa", "selection", layout="zigzag", T=32, method="nsa_selected",
+             options={"block_size": 4, "topk": 3}),
         Case("selection_block_topk_contiguous", "selection", layout="contiguous", T=32, method="block_topk",
              options={"block_size": 4, "topk": 3}),
         Case("ulysses_dense_causal_zigzag_gqa", "ulysses", layout="zigzag", causal=True),

@@ -167,7 +167,12 @@ class Comm:
         `signature` (shapes, dtype, options as ints) different from rank 0's.
 
         One small all-gather, run before any other communication, so a bad shard on one rank
-        never leaves the others waiting in a ring step. `describe(sig)` renders a signature."""
+        never leaves the others waiting in a ring step. `describe(sig)` renders a signature.
+        A group of one has nothing to agree on: no communication, no device synchronisation."""
+        if self.world == 1:
+            if problem is not None:
+                raise AttnkitError(problem)
+            return
         sig = [int(x) for x in signature]
         vec = torch.tensor([0 if problem is None else 1, len(sig)] + sig, dtype=torch.int64, device=self._meta_device())
         width = torch.tensor([vec.numel()], dtype=torch.int64, device=vec.device)
