@@ -173,3 +173,27 @@ def test_world1_ring_matches_single_process_gpu(backend, causal, layout):
     if reason is not None:
         pytest.skip(f"{backend} unavailable here: {reason}")
     _world1_ring("cuda", backend, torch.bfloat16, 512, causal, layout)
+
+
+def test_auto_passes_over_a_fused_kernel_that_fails(monkeypatch):
+    """Under `auto`, a fused kernel that raises at run time is recorded with its error and the next
+    kernel runs (and is reported); a kernel asked for by name is then refused, naming the reason."""
+    real_forward = blocks._forward
+
+    def fake_forward(name, q, k, v, scale, kind, mask):
+        if name == "cudnn":
+            raise RuntimeError("cuDNN attention is not supported by this build\ndetails")
+        return real_forward("reference", q, k, v, scale, kind, mask)
+
+    monkeypatch.setattr(blocks, "_FAILED", {})
+    monkeypatch.setattr(blocks, "why_not", lambda kernel, device, *rest: blocks._FAILED.get((kernel, device)))
+    monkeypatch.setattr(blocks, "_forward", fake_forward)
+    q, k, v, _ = _inputs(1, 8, 8, 2, 1, 8, torch.float64, "cpu")
+    out, lse = blocks.forward(q, k, v, 8 ** -0.5, FULL, None, "auto")
+    want, want_lse = blocks.blockwise_attention(q, k, v, causal=False)
+    assert torch.allclose(out, want) and torch.allclose(lse, want_lse), "fallback result differs from the reference"
+    choice = blocks.pick_kernel("auto", q.device, q.dtype, 8, 8, FULL, 8, 8)
+    assert choice.name == "flash", choice
+    assert choice.why_not == (("cudnn", "cudnn failed here: cuDNN attention is not supported by this build"),), choice
+    with pytest.raises(ValueError, match="'cudnn' cannot run this ring: cudnn failed here"):
+        blocks.forward(q, k, v, 8 ** -0.5, FULL, None, "cudnn")

@@ -57,11 +57,18 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+# Fused kernels that raised at run time on a device (e.g. a cuDNN build without attention
+# support): `auto` passes them over from then on, with the error as the reason.
+_FAILED: dict[tuple[str, torch.device], str] = {}
+
+
 def why_not(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int, kind: str,
             tq: int, tk: int) -> Optional[str]:
     """None if fused `kernel` can run a `kind` rectangle of `tq` queries by `tk` keys, else the reason."""
     if device.type != "cuda":
         return f"{kernel} runs on CUDA"
+    if (kernel, device) in _FAILED:
+        return _FAILED[(kernel, device)]
     if dtype not in (torch.float16, torch.bfloat16):
         return f"{kernel} needs fp16/bf16, got {dtype}"
     if kind == PARTIAL:
@@ -127,8 +134,26 @@ def _fold(dx: torch.Tensor, hkv: int) -> torch.Tensor:
 _FORWARD_EXTRAS: dict[tuple[str, torch.device], tuple] = {}
 
 
+def _extras(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple:
+    """The forward's bookkeeping outputs when this kernel's forward has not run on this device (its
+    backward serving another kernel's forward): one tiny forward call provides them."""
+    _forward(name, q[:, :1], k[:, :1], v[:, :1], scale, FULL, None)
+    return _FORWARD_EXTRAS[(name, q.device)]
+
+
 def _bhsd(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x.transpose(1, 2) for x in xs]
+
+
+def _fallible(run, kernel: str, name: str, device: torch.device, *args):
+    """Run kernel `name`; under `auto`, a fused kernel that raises is recorded and the next one runs."""
+    try:
+        return run(name, *args)
+    except RuntimeError as e:
+        if kernel != "auto" or name == "reference":
+            raise
+        _FAILED[(name, device)] = f"{name} failed here: {str(e).splitlines()[0][:200]}"
+        return None
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kind: str,
@@ -136,7 +161,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kin
     """`q: [B, n, Hq, D]`, `k: [B, m, Hkv, D]`, `v: [B, m, Hkv, Dv]` -> `(out [B, n, Hq, Dv], lse [B, Hq, n])`.
 
     `out` is in the input dtype, `lse` in float32 (float64 for float64 inputs)."""
-    name = choose(kernel, q, k, v, kind).name
+    while True:
+        res = _fallible(_forward, kernel, choose(kernel, q, k, v, kind).name, q.device, q, k, v, scale, kind, mask)
+        if res is not None:
+            return res
+
+
+def _forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kind: str,
+             mask: Optional[Mask]) -> tuple[torch.Tensor, torch.Tensor]:
     causal = kind == CAUSAL
     if name == "reference":
         with torch.no_grad():
@@ -160,12 +192,22 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one rectangle given the merged `out: [B, n, Hq, Dv]` and `lse: [B, Hq, n]` of
     its query rows and their `dout`; returns `dq`, `dk`, `dv` shaped like `q`, `k`, `v` (dk, dv
-    in float32 when GQA heads were folded, else the kernel's dtype)."""
+    in float32 when GQA heads were folded, else the kernel's dtype). Any kernel's backward serves
+    any kernel's forward: all take the merged statistics."""
+    while True:
+        res = _fallible(_backward, kernel, choose(kernel, q, k, v, kind).name, q.device, dout, q, k, v, out, lse,
+                        scale, kind, mask)
+        if res is not None:
+            return res
+
+
+def _backward(name: str, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, scale: float, kind: str,
+              mask: Optional[Mask]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     hq, hkv = q.shape[2], k.shape[2]
-    name = choose(kernel, q, k, v, kind).name
     causal = kind == CAUSAL
     if name != "reference":
-        cq, ck, seed, offset = _FORWARD_EXTRAS[(name, q.device)]
+        cq, ck, seed, offset = _FORWARD_EXTRAS.get((name, q.device)) or _extras(name, q, k, v, scale)
         n, m = q.shape[1], k.shape[1]
         do_h, q_h, k_h, v_h, o_h = _bhsd(dout, q, _expand(k, hq), _expand(v, hq), out)
         if name == "cudnn":

@@ -61,13 +61,12 @@ class _Ring:
         self.sink_pass, self.stats = sink_pass, stats
         self.sink_vis = Visibility(causal=sched.vis.causal)
 
-    def kernel_for(self, q: torch.Tensor, tk: int, call: Call, used: Optional[dict[str, str]] = None) -> str:
-        """The kernel of one call (`blocks.pick_kernel`); `used` collects each kernel's description."""
+    def record(self, q: torch.Tensor, tk: int, call: Call, used: dict[str, str]) -> None:
+        """Note in `used` the kernel a call just ran on (`blocks.pick_kernel`, asked after the call so
+        a fused kernel that failed and was passed over shows with its reason)."""
         choice = blocks.pick_kernel(self.kernel, q.device, q.dtype, q.shape[-1], self.dv, call.kind,
                                     call.q_hi - call.q_lo, tk)
-        if used is not None:
-            used.setdefault(choice.name, choice.describe())
-        return choice.name
+        used.setdefault(choice.name, choice.describe())
 
     def lengths(self, src: int) -> list[int]:
         return [s.length for s in self.sched.segs[src]]
@@ -132,7 +131,8 @@ class _RingAttention(torch.autograd.Function):
             for c in sched.calls(r, t):
                 lo, hi = held.rows(c.k_segs)
                 ob, lb = blocks.forward(q[:, c.q_lo:c.q_hi], held.k[:, lo:hi], held.v[:, lo:hi], ring.scale, c.kind,
-                                        ring.mask_for(c, src, held, sched.vis), ring.kernel_for(q, hi - lo, c, used))
+                                        ring.mask_for(c, src, held, sched.vis), ring.kernel)
+                ring.record(q, hi - lo, c, used)
                 acc.fold(c.q_lo, c.q_hi, ob, lb)
                 calls += 1
             if pend is not None:
@@ -146,8 +146,8 @@ class _RingAttention(torch.autograd.Function):
             sink_held = _Held((0,), [n], *sink_kv)
             for c in _sink_calls(sched, r, T, n):
                 ob, lb = blocks.forward(q[:, c.q_lo:c.q_hi], sink_kv[0], sink_kv[1], ring.scale, c.kind,
-                                        ring.mask_for(c, -1, sink_held, ring.sink_vis),
-                                        ring.kernel_for(q, n, c, used))
+                                        ring.mask_for(c, -1, sink_held, ring.sink_vis), ring.kernel)
+                ring.record(q, n, c, used)
                 acc.fold(c.q_lo, c.q_hi, ob, lb)
                 calls += 1
         if ring.stats is not None:
@@ -179,7 +179,7 @@ class _RingAttention(torch.autograd.Function):
             rows = slice(c.q_lo, c.q_hi)
             gq, gk_c, gv_c = blocks.backward(dout[:, rows], q[:, rows], held.k[:, lo:hi], held.v[:, lo:hi],
                                              out[:, rows], lse[:, :, rows], ring.scale, c.kind,
-                                             ring.mask_for(c, src, held, vis), ring.kernel_for(q, hi - lo, c))
+                                             ring.mask_for(c, src, held, vis), ring.kernel)
             dq.add(c.q_lo, c.q_hi, gq)
             if isinstance(gk, blocks.GradAccumulator):
                 gk.add(lo, hi, gk_c)
