@@ -187,6 +187,8 @@ CASES: dict[int, list[Case]] = {
         Case("ulysses_sliding_window", "ulysses", layout="contiguous", causal=True, hkv=4,
              method="sliding_window", options={"window": 5, "sinks": 2}),
         Case("hybrid_u2_r2_zigzag_causal_mqa", "hybrid", layout="zigzag", causal=True, hkv=1, ulysses_size=2),
+        Case("hybrid_u2_r2_zigzag_causal_perhead_windows", "hybrid", layout="zigzag", causal=True, T=32,
+             window=[3, 3, 7, 7], ulysses_size=2),
         Case("hybrid_u2_r2_contiguous_noncausal_window", "hybrid", layout="contiguous", causal=False, window=3,
              sinks=1, ulysses_size=2),
         Case("bad_shard", "bad_shard", layout="contiguous"),
