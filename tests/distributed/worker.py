@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 import traceback
 
 import torch
@@ -109,6 +110,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     hybrid_groups: dict = {}
     try:
         for case in CASES[world]:
+            started = time.perf_counter()
             try:
                 if case.op in ("bad_shard", "few_heads"):
                     results[case.name] = _run_error_case(case, world, rank)
@@ -116,6 +118,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
                     results[case.name] = _run_case(case, world, rank, hybrid_groups)
             except Exception:  # noqa: BLE001 - reported by the parent's test for this case
                 results[case.name] = {"error": traceback.format_exc()}
+            results[case.name]["seconds"] = time.perf_counter() - started
             torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
