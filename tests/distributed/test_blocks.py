@@ -188,6 +188,14 @@ def test_auto_passes_over_a_fused_kernel_that_fails(monkeypatch):
     monkeypatch.setattr(blocks, "_FAILED", {})
     monkeypatch.setattr(blocks, "why_not", lambda kernel, device, *rest: blocks._FAILED.get((kernel, device)))
     monkeypatch.setattr(blocks, "_forward", fake_forward)
+    blocks._pick.cache_clear()
+    try:
+        _check_fallback()
+    finally:
+        blocks._pick.cache_clear()  # choices made under the fake availability must not outlive the test
+
+
+def _check_fallback() -> None:
     q, k, v, _ = _inputs(1, 8, 8, 2, 1, 8, torch.float64, "cpu")
     out, lse = blocks.forward(q, k, v, 8 ** -0.5, FULL, None, "auto")
     want, want_lse = blocks.blockwise_attention(q, k, v, causal=False)

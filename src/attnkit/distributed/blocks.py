@@ -23,6 +23,7 @@ rectangle) runs on the reference, whose mask is evaluated tile by tile.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -97,7 +98,15 @@ def pick_kernel(requested: str, device: torch.device, dtype: torch.dtype, head_d
 
     `auto` takes the first fused kernel that can run it, else the reference. A named fused kernel
     that cannot run a full or causal rectangle raises (the caller asked for it); partial
-    rectangles always fall back to the reference, since no fused kernel takes a mask."""
+    rectangles always fall back to the reference, since no fused kernel takes a mask. Cached (the
+    ring asks per call and step; a fused kernel failing at run time clears the cache)."""
+    return _pick(requested, device, dtype, head_dim, head_dim_v, kind, tq, tk)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int,
+          kind: str, tq: int, tk: int) -> KernelChoice:
+    """`pick_kernel`, memoised; `_fallible` clears it when a fused kernel fails."""
     if requested == "reference":
         return KernelChoice("reference")
     order = FUSED if requested == "auto" else (requested,)
@@ -153,6 +162,7 @@ def _fallible(run, kernel: str, name: str, device: torch.device, *args):
         if kernel != "auto" or name == "reference":
             raise
         _FAILED[(name, device)] = f"{name} failed here: {str(e).splitlines()[0][:200]}"
+        _pick.cache_clear()
         return None
 
 

@@ -13,6 +13,7 @@ shard) and attended in their own pass, when they fit in rank 0's first chunk.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -403,11 +404,12 @@ def _per_head_rings(q, k, v, group, causal, layout, windows: tuple[int, ...], si
     return torch.cat(parts, dim=2).index_select(2, inverse)
 
 
+@functools.lru_cache(maxsize=64)
 def plan(world: int, local_len: int, layout: str, causal: bool, window: Optional[int], sinks: int,
          docs: Optional[tuple[int, ...]] = None) -> tuple[RingSchedule, bool]:
     """The ring's schedule for one window, and whether sinks get their own broadcast pass (they do
     when a window is set, the sequence is not packed and the sinks fit in rank 0's first chunk;
-    otherwise they circulate)."""
+    otherwise they circulate). Memoised: a model calls the ring with the same shapes every layer."""
     first_chunk = segments(layout, world, 0, local_len)[0].length
     sink_pass = window is not None and docs is None and 0 < sinks <= first_chunk
     vis = Visibility(causal=causal, window=window, sinks=sinks, exclude_sinks=sink_pass, docs=docs)
