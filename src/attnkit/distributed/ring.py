@@ -6,9 +6,12 @@ communication overlaps compute; partial outputs merge by their log-sum-exp in fl
 for float64 inputs). The backward pass is part of the same autograd Function: the key/value
 gradient of each shard travels with it and returns to its owner, while query gradients stay put.
 
-With a sliding window the plan (`schedule.py`) skips rectangles the window never reaches and
-stops sending shards nobody needs; attention sinks are broadcast once (`sinks` tokens, not a
-shard) and attended in their own pass, when they fit in rank 0's first chunk.
+With a sliding window or packed sequences (`cu_seqlens`) the plan (`schedule.py`) skips
+rectangles no query reaches and stops sending shards nobody needs; attention sinks are broadcast
+once (`sinks` tokens, not a shard) and attended in their own pass, when they fit in rank 0's
+first chunk. Per-head windows run one such ring per distinct window. Each rectangle runs on the
+fastest local kernel that returns the LSE (`blocks.pick_kernel`: cuDNN, flash, reference);
+`explain_ring` tells, without communicating, what a rank will run and send.
 """
 
 from __future__ import annotations
