@@ -102,3 +102,16 @@ def test_calls_cover_each_visible_pair_once(vis, world, layout):
     assert torch.equal(count, want), (
         f"{vis}, W={world}, {layout}: {int((count > want).sum())} pairs computed twice or wrongly, "
         f"{int((count < want).sum())} visible pairs missed")
+
+
+def test_shard_selection_cuts_query_rows_and_refuses_straddling_blocks():
+    from attnkit.core.selection import KVSelection
+    from attnkit.distributed import shard_selection
+
+    rows = torch.arange(8, dtype=torch.int32).view(1, 1, 8, 1)  # query block n selects key block n
+    sel = KVSelection(rows, q_block=2, k_block=2)
+    part = shard_selection(sel, 2, 0, "zigzag", 8)  # rank 0 of 2: chunks 0 and 3 (tokens 0-3, 12-15)
+    assert part.indices.flatten().tolist() == [0, 1, 6, 7], part.indices.flatten().tolist()
+    with pytest.raises(AttnkitError, match="selection.q_block"):
+        shard_selection(KVSelection(torch.zeros(1, 1, 4, 1, dtype=torch.int32), q_block=3, k_block=2), 2, 0,
+                        "zigzag", 6)

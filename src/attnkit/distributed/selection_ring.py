@@ -27,7 +27,7 @@ from ..core.masks import Mask
 from ..core.reference import blockwise_attention
 from ..core.selection import KVSelection, cdiv
 from .comm import Comm, CommStats, dtype_code, dtype_name
-from .layout import check_layout, positions, segments
+from .layout import check_layout, chunks_per_rank, positions, segments
 
 
 def shard_selection(selection: KVSelection, world: int, rank: int, layout: str, local_len: int) -> KVSelection:
@@ -147,9 +147,9 @@ def selection_ring_attention(
         call = validate_attention(q, k, v, causal=causal, scale=scale)
         if call.tq != call.tk:
             raise AttnkitError(f"k: expected a key shard as long as the query shard ({call.tq}), got {call.tk}")
-        chunk = segments(layout, comm.world, 0, call.tq)[0].length if call.tq % (2 if layout == "zigzag" else 1) == 0 \
-            else None
-        if chunk is None or chunk % selection.k_block or chunk % selection.q_block:
+        per = chunks_per_rank(layout)
+        chunk = call.tq // per
+        if call.tq % per or chunk % selection.k_block or chunk % selection.q_block:
             raise AttnkitError(f"selection.k_block: the layout's chunks ({call.tq} local tokens, layout {layout!r}) "
                                f"must hold whole query and key blocks (q_block {selection.q_block}, k_block "
                                f"{selection.k_block})")
