@@ -113,5 +113,5 @@ def test_shard_selection_cuts_query_rows_and_refuses_straddling_blocks():
     part = shard_selection(sel, 2, 0, "zigzag", 8)  # rank 0 of 2: chunks 0 and 3 (tokens 0-3, 12-15)
     assert part.indices.flatten().tolist() == [0, 1, 6, 7], part.indices.flatten().tolist()
     with pytest.raises(AttnkitError, match="selection.q_block"):
-        shard_selection(KVSelection(torch.zeros(1, 1, 4, 1, dtype=torch.int32), q_block=3, k_block=2), 2, 0,
+        shard_selection(KVSelection(torch.zeros(1, 1, 3, 1, dtype=torch.int32), q_block=4, k_block=2), 2, 0,
                         "zigzag", 6)
