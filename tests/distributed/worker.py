@@ -55,7 +55,8 @@ def _run_case(case: Case, world: int, rank: int, hybrid_groups: dict) -> dict:
         if case.ulysses_size not in hybrid_groups:
             hybrid_groups[case.ulysses_size] = cp.hybrid_groups(case.ulysses_size)
         out = cp.hybrid_attention(ql, kl, vl, hybrid_groups[case.ulysses_size], causal=case.causal,
-                                  layout=case.layout, window=case.window, sinks=case.sinks, stats=stats)
+                                  layout=case.layout, window=case.window, sinks=case.sinks, cu_seqlens=case.cu(),
+                                  stats=stats)
     else:
         raise ValueError(case.op)
     out.backward(pieces[3])

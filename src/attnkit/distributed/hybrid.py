@@ -90,6 +90,7 @@ def hybrid_attention(
     sinks: int = 0,
     scale: Optional[float] = None,
     *,
+    cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     stats: Optional[CommStats] = None,
 ) -> torch.Tensor:
@@ -97,7 +98,8 @@ def hybrid_attention(
 
     `q: [B, T, Hq, D]`, `k`/`v: [B, T, Hkv, D|Dv]`: this rank's piece; returns its rows of the
     output. `Hq` must divide by the Ulysses size; KV heads are split or repeated as in
-    `ulysses_attention`. `causal`, `layout`, `window`, `sinks`, `scale`, `backend` are the ring's;
+    `ulysses_attention`. `causal`, `layout`, `window`, `sinks`, `scale`, `cu_seqlens` (global
+    offsets of packed sequences), `backend` are the ring's;
     a per-head `window` list (one int per query head) is cut to the heads each rank holds.
     """
     if not isinstance(groups, HybridGroups):
@@ -114,7 +116,7 @@ def hybrid_attention(
         h = qh.shape[2]
         window = list(window[ucomm.rank * h:(ucomm.rank + 1) * h])
     o = ring_attention(qh, kh, vh, groups.ring, causal=causal, layout=layout, window=window, sinks=sinks,
-                       scale=scale, backend=backend, stats=stats)
+                       scale=scale, cu_seqlens=cu_seqlens, backend=backend, stats=stats)
     return _HeadsToSeq.apply(o, ucomm, stats)
 
 
