@@ -16,17 +16,24 @@ from attnkit.distributed.schedule import RingSchedule
 
 def _visible(vis: Visibility, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """The rule written out directly (brute force over tiny ranges)."""
+    same = None
+    if vis.docs is not None:  # sequence-local positions, nothing across sequences
+        bounds = torch.tensor(vis.docs)
+        di, dj = (torch.bucketize(x, bounds, right=True) - 1 for x in (i, j))
+        i, j, same = i - bounds[di], j - bounds[di], di == dj
     m = (j <= i) if vis.causal else torch.ones_like(i - j, dtype=torch.bool)
     if vis.window is not None:
         w = (i - j).abs() < vis.window
         if vis.sinks:
             w = (w & (j >= vis.sinks)) if vis.exclude_sinks else (w | (j < vis.sinks))
         m = m & w
-    return m
+    return m if same is None else m & same
 
 
+# packed sequences over positions [0, 32): sorted cut points, empty sequences allowed
+docs = st.lists(st.integers(0, 32), max_size=5).map(lambda cuts: tuple([0] + sorted(cuts) + [32]))
 visibilities = st.builds(Visibility, st.booleans(), st.one_of(st.none(), st.integers(1, 12)), st.integers(0, 6),
-                         st.booleans())
+                         st.booleans(), st.one_of(st.none(), docs))
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
@@ -95,3 +102,16 @@ def test_calls_cover_each_visible_pair_once(vis, world, layout):
     assert torch.equal(count, want), (
         f"{vis}, W={world}, {layout}: {int((count > want).sum())} pairs computed twice or wrongly, "
         f"{int((count < want).sum())} visible pairs missed")
+
+
+def test_shard_selection_cuts_query_rows_and_refuses_straddling_blocks():
+    from attnkit.core.selection import KVSelection
+    from attnkit.distributed import shard_selection
+
+    rows = torch.arange(8, dtype=torch.int32).view(1, 1, 8, 1)  # query block n selects key block n
+    sel = KVSelection(rows, q_block=2, k_block=2)
+    part = shard_selection(sel, 2, 0, "zigzag", 8)  # rank 0 of 2: chunks 0 and 3 (tokens 0-3, 12-15)
+    assert part.indices.flatten().tolist() == [0, 1, 6, 7], part.indices.flatten().tolist()
+    with pytest.raises(AttnkitError, match="selection.q_block"):
+        shard_selection(KVSelection(torch.zeros(1, 1, 3, 1, dtype=torch.int32), q_block=4, k_block=2), 2, 0,
+                        "zigzag", 6)

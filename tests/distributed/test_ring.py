@@ -30,3 +30,21 @@ def test_window_ring_sends_fewer_bytes(world_results, world):
         assert got == want, f"{label} ring forward sent {got} B over all ranks, expected {want} B (off by {got - want})"
     for phase in ("bytes_forward", "bytes_backward"):
         assert w[phase] < f[phase], f"{phase}: windowed ring sent {w[phase]} B, not fewer than full ring {f[phase]} B"
+
+
+@pytest.mark.parametrize("world,case", RING, ids=[f"w{w}-{c.name}" for w, c in RING])
+def test_ring_sends_what_the_plan_predicts(world_results, world, case):
+    """Bytes sent (summed over ranks, each phase), steps and calls equal `explain_ring`'s prediction."""
+    res = case_result(world_results(world), case.name)
+    for got, want in (("bytes_forward", "predicted_forward"), ("bytes_backward", "predicted_backward"),
+                      ("steps", "predicted_steps"), ("calls", "predicted_calls")):
+        assert res[got] == res[want], f"{case.name}: {got} {res[got]} != plan's {res[want]}"
+    assert list(res["kernels"]) == ["reference"], f"CPU ring used kernels {res['kernels']}"
+
+
+def test_varlen_ring_skips_sequences_other_ranks_never_share(world_results):
+    """Packed sequences that each fit one rank's shard: no step beyond the local one, nothing sent."""
+    res = case_result(world_results(4), "ring_contiguous_causal_varlen_one_per_rank")
+    assert res["steps"] == 1, f"ran {res['steps']} steps, expected 1"
+    assert res["bytes_forward"] == 0 and res["bytes_backward"] == 0, (
+        f"sent {res['bytes_forward']} B forward, {res['bytes_backward']} B backward, expected nothing")

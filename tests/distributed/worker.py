@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 import traceback
 
 import torch
@@ -37,21 +38,41 @@ def _run_case(case: Case, world: int, rank: int, hybrid_groups: dict) -> dict:
     stats = cp.CommStats()
     if case.op == "ring":
         out = cp.ring_attention(ql, kl, vl, causal=case.causal, layout=case.layout, window=case.window,
-                                sinks=case.sinks, stats=stats)
+                                sinks=case.sinks, cu_seqlens=case.cu(), stats=stats)
+    elif case.op == "selection":
+        from attnkit.distributed.selection_ring import selection_ring_attention, shard_selection
+
+        from .cases import global_selection
+
+        sel = shard_selection(global_selection(case), world, rank, case.layout, ql.shape[1])
+        out = selection_ring_attention(ql, kl, vl, sel, causal=case.causal, layout=case.layout, stats=stats)
     elif case.op == "ulysses":
+        gates = {name: cp.shard(g, world, rank, case.layout) for name, g in case.gate_tensors().items()}
         out = cp.ulysses_attention(ql, kl, vl, method=case.method, causal=case.causal, layout=case.layout,
-                                   stats=stats, **case.options)
+                                   stats=stats, option_layout={name: "heads" for name in gates}, **case.options,
+                                   **gates)
     elif case.op == "hybrid":
         if case.ulysses_size not in hybrid_groups:
             hybrid_groups[case.ulysses_size] = cp.hybrid_groups(case.ulysses_size)
         out = cp.hybrid_attention(ql, kl, vl, hybrid_groups[case.ulysses_size], causal=case.causal,
-                                  layout=case.layout, window=case.window, sinks=case.sinks, stats=stats)
+                                  layout=case.layout, window=case.window, sinks=case.sinks, cu_seqlens=case.cu(),
+                                  stats=stats)
     else:
         raise ValueError(case.op)
     out.backward(pieces[3])
-    sent = torch.tensor([stats.forward_bytes, stats.backward_bytes], dtype=torch.int64)
+    sent = [stats.forward_bytes, stats.backward_bytes]
+    if case.op == "ring":  # the plan's prediction for this rank, made without communicating
+        plan = cp.explain_ring(ql, kl, vl, world, rank, causal=case.causal, layout=case.layout, window=case.window,
+                               sinks=case.sinks, cu_seqlens=case.cu())
+        sent += [plan.forward_bytes, plan.backward_bytes]
+    sent = torch.tensor(sent, dtype=torch.int64)
     dist.all_reduce(sent)
-    res = {"bytes_forward": int(sent[0]), "bytes_backward": int(sent[1]), "steps": stats.steps}
+    res = {"bytes_forward": int(sent[0]), "bytes_backward": int(sent[1]), "steps": stats.steps,
+           "skipped_steps": stats.skipped_steps,
+           "calls": stats.calls, "kernels": dict(stats.kernels)}
+    if case.op == "ring":
+        res.update(predicted_forward=int(sent[2]), predicted_backward=int(sent[3]), predicted_steps=plan.steps,
+                   predicted_calls=plan.calls)
     for key, t in (("out", out), ("dq", ql.grad), ("dk", kl.grad), ("dv", vl.grad)):
         res[key] = _gather(t.detach(), case, world, rank)
     return res
@@ -69,6 +90,10 @@ def _run_error_case(case: Case, world: int, rank: int) -> dict:
             if rank == bad_rank:
                 ql, kl, vl = (x[:, : x.shape[1] - 2] for x in (ql, kl, vl))
             cp.ring_attention(ql, kl, vl, causal=True, layout=case.layout)
+        elif case.name == "gate_without_layout":
+            gate = cp.shard(torch.rand(q.shape[:3], dtype=q.dtype), world, rank, case.layout)
+            cp.ulysses_attention(ql, kl, vl, causal=True, layout=case.layout, method="nsa", block_size=4, topk=2,
+                                 g_cmp=gate)
         else:
             cp.ulysses_attention(ql, kl, vl, causal=True, layout=case.layout)
     except Exception as e:  # noqa: BLE001 - the test inspects type and message
@@ -86,6 +111,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     hybrid_groups: dict = {}
     try:
         for case in CASES[world]:
+            started = time.perf_counter()
             try:
                 if case.op in ("bad_shard", "few_heads"):
                     results[case.name] = _run_error_case(case, world, rank)
@@ -93,6 +119,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
                     results[case.name] = _run_case(case, world, rank, hybrid_groups)
             except Exception:  # noqa: BLE001 - reported by the parent's test for this case
                 results[case.name] = {"error": traceback.format_exc()}
+            results[case.name]["seconds"] = time.perf_counter() - started
             torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

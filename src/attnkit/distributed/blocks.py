@@ -3,29 +3,51 @@
 A ring's forward pass needs, per rectangle, the partial output and its log-sum-exp; its backward
 needs the gradients of that rectangle given the *merged* output and LSE (FlashAttention's
 backward with the global statistics: dS = P * (dP - rowsum(dO * O)) with P = exp(S - LSE)).
+Every kernel below takes those global statistics, so the ring never re-runs a forward pass in
+its backward.
 
-Two kernels:
-- `reference` (any device, any dtype): `core.reference.blockwise_attention`. Its backward
-  re-runs the rectangle under autograd and back-propagates the share of the merged gradient
-  that reaches the partial result (`w = exp(lse_b - lse)` on the output, `w * dO.(o_b - o)` on
-  the LSE), which is algebraically the same dS as above.
-- `flash` (CUDA, fp16/bf16, head dim <= 256, full or diagonal-causal rectangles): PyTorch's
-  FlashAttention-2 ops `aten._scaled_dot_product_flash_attention{,_backward}`, which take the
-  global output and LSE directly.
+Kernels, fastest first (`pick_kernel` is the one place that chooses; it looks at the call's
+device, dtype, head dims and rectangle kind, not at tensors, so a shared dispatcher can own it):
+- `cudnn` (CUDA sm90+, fp16/bf16, head dim <= 128): PyTorch's cuDNN attention ops
+  `aten._scaled_dot_product_cudnn_attention{,_backward}` with the log-sum-exp requested.
+- `flash` (CUDA sm80+, fp16/bf16, head dim <= 256): PyTorch's FlashAttention-2 ops
+  `aten._scaled_dot_product_flash_attention{,_backward}`.
+- `reference` (any device, any dtype, any mask): `core.reference.blockwise_attention`. Its
+  backward re-runs the rectangle under autograd and back-propagates the share of the merged
+  gradient that reaches the partial result (`w = exp(lse_b - lse)` on the output,
+  `w * dO.(o_b - o)` on the LSE), which is algebraically the same dS as above.
+
+The fused kernels serve full and diagonal-causal rectangles; a window or sink edge (a partial
+rectangle) runs on the reference, whose mask is evaluated tile by tile.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from ..core.contract import AttnkitError
 from ..core.masks import Mask
 from ..core.reference import blockwise_attention
 from .pattern import CAUSAL, FULL, PARTIAL
-from ..core.contract import AttnkitError
 
-KERNELS = ("auto", "reference", "flash")
+KERNELS = ("auto", "cudnn", "flash", "reference")
+FUSED = ("cudnn", "flash")  # in the order `auto` tries them
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel a rectangle runs on, and why the faster ones were passed over."""
+
+    name: str
+    why_not: tuple[tuple[str, str], ...] = ()  # (kernel, reason) for each faster kernel not taken
+
+    def describe(self) -> str:
+        skipped = "; ".join(f"{k}: {r}" for k, r in self.why_not)
+        return self.name + (f" ({skipped})" if skipped else "")
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -33,27 +55,75 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> Optional[str]:
-    if not q.is_cuda:
-        return "flash runs on CUDA"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"flash needs fp16/bf16, got {q.dtype}"
-    if q.shape[-1] != v.shape[-1] or q.shape[-1] % 8 or q.shape[-1] > 256:
-        return "flash needs D == Dv, a multiple of 8, at most 256"
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+# Fused kernels that raised at run time on a device (e.g. a cuDNN build without attention
+# support): `auto` passes them over from then on, with the error as the reason.
+_FAILED: dict[tuple[str, torch.device], str] = {}
+
+
+def why_not(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int, kind: str,
+            tq: int, tk: int) -> Optional[str]:
+    """None if fused `kernel` can run a `kind` rectangle of `tq` queries by `tk` keys, else the reason."""
+    if device.type != "cuda":
+        return f"{kernel} runs on CUDA"
+    if (kernel, device) in _FAILED:
+        return _FAILED[(kernel, device)]
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{kernel} needs fp16/bf16, got {dtype}"
     if kind == PARTIAL:
-        return "flash cannot apply a window/sink mask"
-    if kind == CAUSAL and q.shape[1] != k.shape[1]:
-        return "flash causal needs Tq == Tk"
+        return f"{kernel} cannot apply a window/sink mask"
+    if kind == CAUSAL and tq != tk:
+        return f"{kernel} causal needs Tq == Tk"
+    limit = 128 if kernel == "cudnn" else 256
+    if head_dim != head_dim_v or head_dim % 8 or head_dim > limit:
+        return f"{kernel} needs D == Dv, a multiple of 8, at most {limit}"
+    major, _ = _capability(device)
+    if kernel == "cudnn":
+        if major < 9:
+            return f"cudnn runs on sm90+ here, this GPU is sm{major}x"
+        version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        if version is None or version < 90000:
+            return f"cudnn attention needs cuDNN >= 9, found {version}"
+    elif major < 8:
+        return f"flash needs sm80+, this GPU is sm{major}x"
     return None
 
 
-def pick_kernel(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> str:
-    if kernel == "reference":
-        return "reference"
-    reason = flash_why_not(q, k, v, kind)
-    if kernel == "flash" and reason is not None and kind != PARTIAL:
-        raise AttnkitError(f"backend: 'flash' cannot run this ring: {reason}")
-    return "flash" if reason is None else "reference"
+def pick_kernel(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int,
+                kind: str, tq: int, tk: int) -> KernelChoice:
+    """The kernel for one rectangle: `requested` ("auto", "cudnn", "flash", "reference") on a call
+    with the given device, dtype, head dims, rectangle kind (FULL, CAUSAL, PARTIAL) and lengths.
+
+    `auto` takes the first fused kernel that can run it, else the reference. A named fused kernel
+    that cannot run a full or causal rectangle raises (the caller asked for it); partial
+    rectangles always fall back to the reference, since no fused kernel takes a mask. Cached (the
+    ring asks per call and step; a fused kernel failing at run time clears the cache)."""
+    return _pick(requested, device, dtype, head_dim, head_dim_v, kind, tq, tk)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int,
+          kind: str, tq: int, tk: int) -> KernelChoice:
+    """`pick_kernel`, memoised; `_fallible` clears it when a fused kernel fails."""
+    if requested == "reference":
+        return KernelChoice("reference")
+    order = FUSED if requested == "auto" else (requested,)
+    skipped = []
+    for name in order:
+        reason = why_not(name, device, dtype, head_dim, head_dim_v, kind, tq, tk)
+        if reason is None:
+            return KernelChoice(name, tuple(skipped))
+        skipped.append((name, reason))
+    if requested != "auto" and kind != PARTIAL:
+        raise AttnkitError(f"backend: {requested!r} cannot run this ring: {skipped[0][1]}")
+    return KernelChoice("reference", tuple(skipped))
+
+
+def choose(requested: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> KernelChoice:
+    return pick_kernel(requested, q.device, q.dtype, q.shape[-1], v.shape[-1], kind, q.shape[1], k.shape[1])
 
 
 def _expand(x: torch.Tensor, hq: int) -> torch.Tensor:
@@ -63,46 +133,107 @@ def _expand(x: torch.Tensor, hq: int) -> torch.Tensor:
 
 
 def _fold(dx: torch.Tensor, hkv: int) -> torch.Tensor:
-    """[B, T, Hq, D] -> [B, T, Hkv, D]: sum the gradients of repeated GQA heads."""
+    """[B, T, Hq, D] -> [B, T, Hkv, D]: sum the gradients of repeated GQA heads (in float32)."""
     B, T, Hq, D = dx.shape
-    return dx if Hq == hkv else dx.view(B, T, hkv, Hq // hkv, D).sum(3)
+    return dx if Hq == hkv else dx.view(B, T, hkv, Hq // hkv, D).sum(3, dtype=torch.float32)
 
 
-_FLASH_META: dict[torch.device, tuple] = {}
+# The fused backward ops take the forward's bookkeeping outputs (cumulative lengths, random-number
+# state); with dense inputs and dropout 0 they are never read, but they must be what the forward
+# op returns: the last ones seen per kernel and device.
+_FORWARD_EXTRAS: dict[tuple[str, torch.device], tuple] = {}
+
+
+def _extras(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple:
+    """The forward's bookkeeping outputs when this kernel's forward has not run on this device (its
+    backward serving another kernel's forward): one tiny forward call provides them."""
+    _forward(name, q[:, :1], k[:, :1], v[:, :1], scale, FULL, None)
+    return _FORWARD_EXTRAS[(name, q.device)]
+
+
+def _bhsd(*xs: torch.Tensor) -> list[torch.Tensor]:
+    return [x.transpose(1, 2) for x in xs]
+
+
+def _fallible(run, kernel: str, name: str, device: torch.device, *args):
+    """Run kernel `name`; under `auto`, a fused kernel that raises is recorded and the next one runs."""
+    try:
+        return run(name, *args)
+    except RuntimeError as e:
+        if kernel != "auto" or name == "reference":
+            raise
+        _FAILED[(name, device)] = f"{name} failed here: {str(e).splitlines()[0][:200]}"
+        _pick.cache_clear()
+        return None
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kind: str,
             mask: Optional[Mask], kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`q: [B, n, Hq, D]`, `k: [B, m, Hkv, D]`, `v: [B, m, Hkv, Dv]` -> `(out [B, n, Hq, Dv], lse [B, Hq, n])`."""
-    if pick_kernel(kernel, q, k, v, kind) == "flash":
-        hq = q.shape[2]
-        res = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), _expand(k, hq).transpose(1, 2), _expand(v, hq).transpose(1, 2),
-            0.0, kind == CAUSAL, False, scale=scale)
-        _FLASH_META[q.device] = (res[2], res[3], res[6], res[7])
-        return res[0].transpose(1, 2), res[1][..., : q.shape[1]].float()
-    with torch.no_grad():
-        return blockwise_attention(q, k, v, causal=kind == CAUSAL, scale=scale, mask=mask if kind == PARTIAL else None)
+    """`q: [B, n, Hq, D]`, `k: [B, m, Hkv, D]`, `v: [B, m, Hkv, Dv]` -> `(out [B, n, Hq, Dv], lse [B, Hq, n])`.
+
+    `out` is in the input dtype, `lse` in float32 (float64 for float64 inputs)."""
+    while True:
+        res = _fallible(_forward, kernel, choose(kernel, q, k, v, kind).name, q.device, q, k, v, scale, kind, mask)
+        if res is not None:
+            return res
+
+
+def _forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kind: str,
+             mask: Optional[Mask]) -> tuple[torch.Tensor, torch.Tensor]:
+    causal = kind == CAUSAL
+    if name == "reference":
+        with torch.no_grad():
+            return blockwise_attention(q, k, v, causal=causal, scale=scale, mask=mask if kind == PARTIAL else None)
+    hq = q.shape[2]
+    qh, kh, vh = _bhsd(q, _expand(k, hq), _expand(v, hq))
+    if name == "cudnn":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qh, kh, vh, None, True, 0.0, causal, False,
+                                                                 scale=scale)
+        _FORWARD_EXTRAS[("cudnn", q.device)] = (res[2], res[3], res[6], res[7])
+        lse = res[1].reshape(res[1].shape[0], res[1].shape[1], -1)[..., : q.shape[1]]
+    else:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, False, scale=scale)
+        _FORWARD_EXTRAS[("flash", q.device)] = (res[2], res[3], res[6], res[7])
+        lse = res[1][..., : q.shape[1]]
+    return res[0].transpose(1, 2), lse.float()
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, scale: float, kind: str, mask: Optional[Mask],
              kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one rectangle given the merged `out: [B, n, Hq, Dv]` and `lse: [B, Hq, n]` of
-    its query rows and their `dout`; returns `dq`, `dk`, `dv` shaped like `q`, `k`, `v`."""
+    its query rows and their `dout`; returns `dq`, `dk`, `dv` shaped like `q`, `k`, `v` (dk, dv
+    in float32 when GQA heads were folded, else the kernel's dtype). Any kernel's backward serves
+    any kernel's forward: all take the merged statistics."""
+    while True:
+        res = _fallible(_backward, kernel, choose(kernel, q, k, v, kind).name, q.device, dout, q, k, v, out, lse,
+                        scale, kind, mask)
+        if res is not None:
+            return res
+
+
+def _backward(name: str, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, scale: float, kind: str,
+              mask: Optional[Mask]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     hq, hkv = q.shape[2], k.shape[2]
-    if pick_kernel(kernel, q, k, v, kind) == "flash":
-        cq, ck, seed, offset = _FLASH_META[q.device]
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout.transpose(1, 2), q.transpose(1, 2), _expand(k, hq).transpose(1, 2), _expand(v, hq).transpose(1, 2),
-            out.transpose(1, 2), lse.float().contiguous(), cq, ck, q.shape[1], k.shape[1], 0.0, kind == CAUSAL,
-            seed, offset, scale=scale)
+    causal = kind == CAUSAL
+    if name != "reference":
+        cq, ck, seed, offset = _FORWARD_EXTRAS.get((name, q.device)) or _extras(name, q, k, v, scale)
+        n, m = q.shape[1], k.shape[1]
+        do_h, q_h, k_h, v_h, o_h = _bhsd(dout, q, _expand(k, hq), _expand(v, hq), out)
+        if name == "cudnn":
+            stats = lse.float().unsqueeze(-1).contiguous()
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                do_h, q_h, k_h, v_h, o_h, stats, seed, offset, None, cq, ck, n, m, 0.0, causal, scale=scale)
+        else:
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                do_h, q_h, k_h, v_h, o_h, lse.float().contiguous(), cq, ck, n, m, 0.0, causal, seed, offset,
+                scale=scale)
         return dq.transpose(1, 2), _fold(dk.transpose(1, 2), hkv), _fold(dv.transpose(1, 2), hkv)
     cd = accum_dtype(q.dtype)
     with torch.enable_grad():
         qs, ks, vs = (x.detach().requires_grad_(True) for x in (q, k, v))
-        ob, lb = blockwise_attention(qs, ks, vs, causal=kind == CAUSAL, scale=scale,
-                                     mask=mask if kind == PARTIAL else None)
+        ob, lb = blockwise_attention(qs, ks, vs, causal=causal, scale=scale, mask=mask if kind == PARTIAL else None)
         lse_c = lse.to(cd)
         w = torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), torch.exp(lb.detach().to(cd) - lse_c))
         w_t = w.transpose(1, 2).unsqueeze(-1)  # [B, n, Hq, 1]
@@ -127,4 +258,136 @@ def merge_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out_b: torch.Tensor, ls
     acc_lse.copy_(new)
 
 
-__all__ = ["CAUSAL", "FULL", "KERNELS", "PARTIAL", "accum_dtype", "backward", "forward", "merge_"]
+class Rows:
+    """Which rows `[0, n)` of an accumulator hold something yet, as sorted disjoint intervals.
+
+    The ring uses it to *write* the first contribution to a row instead of merging it into zeros,
+    so a rank whose rows each get one contribution (world size 1; a window that keeps only the
+    diagonal) does no merge and no accumulator round trip at all."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.spans: list[tuple[int, int]] = []
+
+    def covered(self, lo: int, hi: int) -> int:
+        return sum(max(0, min(hi, b) - max(lo, a)) for a, b in self.spans)
+
+    def gaps(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        out, at = [], lo
+        for a, b in self.spans:
+            if b <= at or a >= hi:
+                continue
+            if a > at:
+                out.append((at, a))
+            at = max(at, b)
+        if at < hi:
+            out.append((at, hi))
+        return out
+
+    def add(self, lo: int, hi: int) -> None:
+        spans = sorted(self.spans + [(lo, hi)])
+        merged: list[tuple[int, int]] = []
+        for a, b in spans:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.spans = merged
+
+    def full(self) -> bool:
+        return self.spans == [(0, self.n)] or self.n == 0
+
+
+class OutputAccumulator:
+    """The merged output and LSE of this rank's query rows over all partial results.
+
+    A result covering every row while nothing is held yet is kept as the kernel returned it (no
+    copy); anything else goes into float32 (float64) buffers, written on a row's first
+    contribution and merged by LSE after that."""
+
+    def __init__(self, B: int, T: int, H: int, Dv: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = (B, T, H, Dv), dtype, device
+        self.cd = accum_dtype(dtype)
+        self.rows = Rows(T)
+        self.direct: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.out: Optional[torch.Tensor] = None
+        self.lse: Optional[torch.Tensor] = None
+
+    def _buffers(self) -> None:
+        if self.out is not None:
+            return
+        B, T, H, Dv = self.shape
+        self.out = torch.empty(B, T, H, Dv, dtype=self.cd, device=self.device)
+        self.lse = torch.empty(B, H, T, dtype=self.cd, device=self.device)
+        if self.direct is not None:
+            self.out.copy_(self.direct[0])
+            self.lse.copy_(self.direct[1])
+            self.direct = None
+
+    def fold(self, lo: int, hi: int, ob: torch.Tensor, lb: torch.Tensor) -> None:
+        T = self.shape[1]
+        if self.direct is None and self.out is None and lo == 0 and hi == T:
+            self.direct = (ob, lb)
+            self.rows.add(lo, hi)
+            return
+        self._buffers()
+        assert self.out is not None and self.lse is not None
+        gaps = self.rows.gaps(lo, hi)
+        if gaps == [(lo, hi)]:
+            self.out[:, lo:hi].copy_(ob)
+            self.lse[:, :, lo:hi].copy_(lb)
+        else:
+            for a, b in gaps:  # rows seen for the first time: start them empty
+                self.out[:, a:b].zero_()
+                self.lse[:, :, a:b].fill_(float("-inf"))
+            merge_(self.out[:, lo:hi], self.lse[:, :, lo:hi], ob, lb)
+        self.rows.add(lo, hi)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(out in the input dtype, lse float32/64)`; rows that saw no key: output 0, LSE -inf."""
+        if self.direct is not None:
+            ob, lb = self.direct
+            return ob.to(self.dtype).contiguous(), lb.to(self.cd).contiguous()
+        self._buffers()
+        assert self.out is not None and self.lse is not None
+        for a, b in self.rows.gaps(0, self.shape[1]):
+            self.out[:, a:b].zero_()
+            self.lse[:, :, a:b].fill_(float("-inf"))
+        return self.out.to(self.dtype), self.lse
+
+
+class GradAccumulator:
+    """A gradient summed over rectangles along dim 1: one contribution covering every row is kept
+    as is; otherwise contributions add into a float32 (float64) buffer."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
+        self.direct: Optional[torch.Tensor] = None
+        self.buf: Optional[torch.Tensor] = None
+
+    def _buffer(self) -> torch.Tensor:
+        if self.buf is None:
+            self.buf = torch.zeros(self.shape, dtype=accum_dtype(self.dtype), device=self.device)
+            if self.direct is not None:
+                self.buf += self.direct
+                self.direct = None
+        return self.buf
+
+    def add(self, lo: int, hi: int, g: torch.Tensor) -> None:
+        if self.buf is None and self.direct is None and lo == 0 and hi == self.shape[1]:
+            self.direct = g
+            return
+        self._buffer()[:, lo:hi] += g
+
+    def add_tensor(self, lo: int, hi: int, g: torch.Tensor) -> None:
+        """Add `g` (any dtype) to rows `[lo, hi)`, forcing the buffer."""
+        self._buffer()[:, lo:hi] += g
+
+    def result(self) -> torch.Tensor:
+        if self.direct is not None:
+            return self.direct.to(self.dtype)
+        return self._buffer().to(self.dtype)
+
+
+__all__ = ["CAUSAL", "FULL", "KERNELS", "KernelChoice", "OutputAccumulator", "GradAccumulator", "PARTIAL",
+           "accum_dtype", "backward", "choose", "forward", "merge_", "pick_kernel", "why_not"]

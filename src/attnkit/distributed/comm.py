@@ -29,7 +29,9 @@ class CommStats:
     forward_messages: int = 0
     backward_messages: int = 0
     steps: int = 0  # ring steps run (1 = local only)
+    skipped_steps: int = 0  # steps of the selection-aware exchange that no rank needed
     calls: int = 0  # local attention calls made in the forward pass
+    kernels: dict[str, str] = field(default_factory=dict)  # kernel name -> why (faster ones passed over)
     notes: list[str] = field(default_factory=list)
 
     def add(self, phase: str, nbytes: int, messages: int = 1) -> None:
@@ -165,7 +167,12 @@ class Comm:
         `signature` (shapes, dtype, options as ints) different from rank 0's.
 
         One small all-gather, run before any other communication, so a bad shard on one rank
-        never leaves the others waiting in a ring step. `describe(sig)` renders a signature."""
+        never leaves the others waiting in a ring step. `describe(sig)` renders a signature.
+        A group of one has nothing to agree on: no communication, no device synchronisation."""
+        if self.world == 1:
+            if problem is not None:
+                raise AttnkitError(problem)
+            return
         sig = [int(x) for x in signature]
         vec = torch.tensor([0 if problem is None else 1, len(sig)] + sig, dtype=torch.int64, device=self._meta_device())
         width = torch.tensor([vec.numel()], dtype=torch.int64, device=vec.device)
@@ -180,6 +187,8 @@ class Comm:
         if bad:
             texts: list[Optional[str]] = [None] * self.world
             dist.all_gather_object(texts, problem, group=self.group)
+            if len(bad) == self.world and len(set(texts)) == 1:  # the same mistake everywhere: say it as is
+                raise AttnkitError(str(texts[0]))
             lines = "; ".join(f"rank {r}: {texts[r]}" for r in bad)
             raise AttnkitError(f"{self.what}: invalid input on {len(bad)} of {self.world} ranks: {lines}")
         differ = [r for r in range(self.world) if sigs[r] != sigs[0]]

@@ -14,7 +14,7 @@ all-to-all a rank holds ring shard r whole, with `H / U` heads, exactly what the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -86,10 +86,11 @@ def hybrid_attention(
     groups: HybridGroups,
     causal: bool = True,
     layout: str = "zigzag",
-    window: Optional[int] = None,
+    window: Union[None, int, Sequence[int]] = None,
     sinks: int = 0,
     scale: Optional[float] = None,
     *,
+    cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     stats: Optional[CommStats] = None,
 ) -> torch.Tensor:
@@ -97,7 +98,9 @@ def hybrid_attention(
 
     `q: [B, T, Hq, D]`, `k`/`v: [B, T, Hkv, D|Dv]`: this rank's piece; returns its rows of the
     output. `Hq` must divide by the Ulysses size; KV heads are split or repeated as in
-    `ulysses_attention`. `causal`, `layout`, `window`, `sinks`, `scale`, `backend` are the ring's.
+    `ulysses_attention`. `causal`, `layout`, `window`, `sinks`, `scale`, `cu_seqlens` (global
+    offsets of packed sequences), `backend` are the ring's;
+    a per-head `window` list (one int per query head) is cut to the heads each rank holds.
     """
     if not isinstance(groups, HybridGroups):
         raise AttnkitError(f"groups: expected HybridGroups from attnkit.distributed.hybrid_groups, got {type(groups).__name__}")
@@ -109,8 +112,11 @@ def hybrid_attention(
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
     qh, kh, vh = (_SeqToHeads.apply(x, ucomm, stats) for x in (q, k, v))
+    if isinstance(window, (list, tuple)) and len(window) == q.shape[2]:  # this rank's heads after the all-to-all
+        h = qh.shape[2]
+        window = list(window[ucomm.rank * h:(ucomm.rank + 1) * h])
     o = ring_attention(qh, kh, vh, groups.ring, causal=causal, layout=layout, window=window, sinks=sinks,
-                       scale=scale, backend=backend, stats=stats)
+                       scale=scale, cu_seqlens=cu_seqlens, backend=backend, stats=stats)
     return _HeadsToSeq.apply(o, ucomm, stats)
 
 

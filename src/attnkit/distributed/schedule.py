@@ -32,6 +32,7 @@ class Call:
 class RingSchedule:
     def __init__(self, world: int, local_len: int, layout: str, vis: Visibility) -> None:
         self.world, self.local_len, self.layout, self.vis = world, local_len, layout, vis
+        self._calls: dict[tuple[int, int], list[Call]] = {}
         self.segs: list[tuple[Segment, ...]] = [segments(layout, world, r, local_len) for r in range(world)]
         # kinds[t][src][qg][kg]: rank (src + t) % W's query segment qg against src's key segment kg
         self.kinds = [[self._kinds((src + t) % world, src) for src in range(world)] for t in range(world)]
@@ -69,10 +70,16 @@ class RingSchedule:
 
     def calls(self, rank: int, t: int) -> list[Call]:
         """The attention calls of `rank` at step t, coalesced: runs of fully visible key segments
-        become one call, and query segments with identical calls merge."""
+        become one call, and query segments with identical calls merge. Memoised per (rank, t)."""
+        key = (rank, t)
+        if key not in self._calls:
+            self._calls[key] = self._make_calls(rank, t)
+        return self._calls[key]
+
+    def _make_calls(self, rank: int, t: int) -> list[Call]:
         src = (rank - t) % self.world
         qsegs, kinds = self.segs[rank], self.kinds[t][src]
-        if t == 0 and self.vis.causal and self.vis.window is None:
+        if t == 0 and self.vis.causal and self.vis.window is None and self.vis.docs is None:
             # own shard, plain causal: local order is global order, so local causality is exact
             return [Call(0, self.local_len, tuple(range(len(qsegs))), CAUSAL, qsegs[0].start)]
         per_q: list[list[Call]] = []
