@@ -7,6 +7,8 @@ A deliberate fragment (a signature, pseudo-code) uses another fence (```text, ``
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,10 @@ PAGES_WITH_CODE = [p for p in PAGES if python_blocks(p.read_text())]
 def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # an example that writes files writes them here
     torch.manual_seed(0)
-    namespace: dict = {"__name__": "__docs__"}
+    # a real module, so that dataclasses and pickling defined in an example can find it
+    module = types.ModuleType("__docs__")
+    monkeypatch.setitem(sys.modules, "__docs__", module)
+    namespace = module.__dict__
     for line, code in python_blocks(page.read_text()):
         try:
             exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)
