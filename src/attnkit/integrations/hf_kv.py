@@ -33,7 +33,9 @@ from ..kv.policies import POLICIES, EvictionPolicy, Razor, get_policy
 from ..kv.razor_heads import head_scores, retrieval_heads
 from ..kv.session import KVSession
 from ..kv.sparse import Quest, Reader, Recycled, Routed, Santa
+from .hf_version import require_transformers
 
+require_transformers()
 try:
     from transformers import AttentionInterface
     from transformers.cache_utils import Cache, CacheLayerMixin

@@ -93,7 +93,7 @@ def check_options(spec: MethodSpec, options: dict[str, Any], inputs: Optional[nn
     if inputs is not None:
         p = next(inputs.parameters())
         with torch.no_grad():
-            dummy.update(inputs.query_inputs(torch.zeros(1, 1, inputs.q_features, device=p.device)))
-            dummy.update(inputs.key_inputs(torch.zeros(1, 1, inputs.k_features, device=p.device)))
+            dummy.update(inputs.query_inputs(torch.zeros(1, 1, inputs.q_features, device=p.device, dtype=p.dtype)))
+            dummy.update(inputs.key_inputs(torch.zeros(1, 1, inputs.k_features, device=p.device, dtype=p.dtype)))
     spec.options.parse(spec.name, {**options, **dummy})
 
