@@ -92,3 +92,58 @@ def test_constructor_and_evict_errors():
         c.evict(torch.tensor([[[99]]]))
     with pytest.raises(AttnkitError, match="layer"):
         KVCache(2).layer(3)
+
+
+def test_compact_keeps_tokens_and_releases_pages():
+    from attnkit.ops.decode import decode_attention
+
+    c, k, v = random_cache(B=2, T=40, H=2, page_size=4)
+    # scattered eviction (every third token of row 0, most of row 3): pages stay allocated, part empty
+    drop = torch.full((2, 2, 40), -1)
+    drop[0, 0, ::3] = torch.arange(0, 40, 3)
+    drop[1, 1, :33] = torch.arange(33)
+    c.evict(drop)
+    c.score_pool.view(-1)[:] = torch.arange(c.score_pool.numel(), dtype=torch.float32)  # per-slot state moves too
+    before = c.kept()
+    q = torch.randn(2, 1, 4, 8, dtype=torch.float64)
+    out = decode_attention(q, c, backend="reference")
+    pages_before = c.num_pages
+    c.compact()
+    after = c.kept()
+    assert torch.equal(after["valid"], before["valid"])
+    ok = before["valid"]
+    for name in ("k", "v", "pos", "bias", "score"):
+        assert torch.equal(after[name][ok], before[name][ok]), name
+    torch.testing.assert_close(decode_attention(q, c, backend="reference"), out, rtol=0, atol=0)
+    n = c.num_kept()
+    need = int((-(-n // 4)).sum())
+    assert c.num_pages == need < pages_before
+    assert c.free_pages.numel() == 0 and int((c.page_table >= 0).sum()) == need
+    c.compact()  # already packed: unchanged
+    assert c.num_pages == need
+    c.append(torch.randn(2, 5, 2, 8, dtype=torch.float64), torch.randn(2, 5, 2, 8, dtype=torch.float64))
+    assert (c.num_kept() == n + 5).all()
+
+
+def test_pool_grows_by_need_not_doubling():
+    c = PagedLayerCache(1, 2, 8, page_size=4, dtype=torch.float64, capacity_tokens=64)
+    c.append(torch.randn(1, 64, 2, 8, dtype=torch.float64), torch.randn(1, 64, 2, 8, dtype=torch.float64))
+    assert c.num_pages == 32  # 16 pages per row, the pool exactly full
+    for _ in range(40):
+        c.append(torch.randn(1, 1, 2, 8, dtype=torch.float64), torch.randn(1, 1, 2, 8, dtype=torch.float64))
+    used = int((c.page_table >= 0).sum())
+    assert used == 2 * 26  # 104 tokens per row
+    assert used <= c.num_pages <= used + 2 * max(1, used // 32)  # headroom of 1/32, not 2x
+    mem = c.memory()
+    assert mem["kept"] == 2 * 104 * 2 * 8 * 8 and mem["reserved"] >= mem["pages"]
+
+
+def test_renumber_counts_from_first_real_token():
+    c, _, _ = random_cache(B=2, T=6, H=1, page_size=4)
+    c.evict(torch.tensor([[[0, 1]], [[-1, -1]]]))  # row 0: two padding tokens
+    real = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    c.renumber(real.cumsum(1) - 1)
+    assert c.kept()["pos"][0, 0, :4].tolist() == [0, 1, 2, 3]
+    assert c.seen.tolist() == [4, 6]
+    with pytest.raises(AttnkitError, match="positions"):
+        c.renumber(torch.zeros(2, 2, dtype=torch.long))

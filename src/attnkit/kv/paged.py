@@ -10,7 +10,11 @@ and a policy score (H2O's accumulated attention).
 Attention is permutation-invariant over keys once RoPE is applied, so slots need not be in
 position order: eviction only frees slots (no copy), appends fill free slots first, and a page
 whose slots are all free goes back to the pool. Page-level selection (Quest) reads pages
-through the table, and per-page key bounds are maintained incrementally.
+through the table, and per-page key bounds are maintained incrementally (allocated on first use).
+
+Memory follows what is kept: the pool grows by what an append needs plus a small headroom
+(1/32 of the pool, never doubling), and `compact()` (run after a policy compresses a prompt)
+repacks every row's kept tokens into `ceil(kept / page_size)` pages and releases the rest.
 """
 
 from __future__ import annotations
@@ -70,24 +74,78 @@ class PagedLayerCache:
         self.bias_pool = torch.zeros(pages, ps, dtype=meta, device=dev)  # log-weight per slot
         self.score_pool = torch.zeros(pages, ps, dtype=torch.float32, device=dev)  # policy score per slot
         self.free_pages = torch.arange(pages - 1, -1, -1, dtype=torch.int64, device=dev)  # a stack
-        self._kmin = torch.zeros(pages, self.head_dim, dtype=torch.float32, device=dev)
-        self._kmax = torch.zeros(pages, self.head_dim, dtype=torch.float32, device=dev)
-        self._pmax = torch.full((pages,), -1, dtype=torch.int64, device=dev)  # newest position per page
+        # per-page key bounds and newest position (Quest): allocated by the first page_bounds() call
+        self._kmin: Optional[torch.Tensor] = None  # [P, D] float32
+        self._kmax: Optional[torch.Tensor] = None  # [P, D] float32
+        self._pmax: Optional[torch.Tensor] = None  # [P] int64, newest position per page
         self._dirty = torch.ones(pages, dtype=torch.bool, device=dev)
         self._bounds_stale = True  # host-side: lets page_bounds() skip a device sync when nothing changed
 
     def _grow_pool(self, need: int) -> None:
-        """Grow the pool (amortised doubling) so that `need` more pages are free."""
+        """Grow the pool so that `need` more pages are free, plus a headroom of 1/32 of the pool
+        (appends while decoding do not copy the pool at every page, and it never doubles)."""
         old = self.num_pages
-        new = max(2 * old, old + need - self.free_pages.numel())
-        saved = (self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool, self.free_pages,
-                 self._kmin, self._kmax, self._dirty, self._pmax)
+        new = old + max(need - self.free_pages.numel(), 0) + max(1, old // 32)
+        saved = (self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool, self.free_pages)
+        bounds = (self._kmin, self._kmax, self._pmax, self._dirty, self._bounds_stale)
         self._alloc_pool(new)
         for dst, src in zip((self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool), saved[:5]):
             dst[:old] = src
-        self._kmin[:old], self._kmax[:old], self._dirty[:old], self._pmax[:old] = saved[6], saved[7], saved[8], saved[9]
+        if bounds[0] is not None:  # keep the incremental bounds: only the new pages are dirty
+            self._refresh_page_stats()
+            self._kmin[:old], self._kmax[:old], self._pmax[:old], self._dirty[:old] = bounds[:4]
+            self._bounds_stale = True
         extra = torch.arange(new - 1, old - 1, -1, dtype=torch.int64, device=self.device)
         self.free_pages = torch.cat([extra, saved[5]])
+
+    def compact(self) -> None:
+        """Repack every row's kept tokens into `ceil(kept / page_size)` fresh pages and shrink the pool
+        to exactly those pages (keys, values, positions, log-weights and scores move with them).
+        Logical slot ids change, so per-slot state held outside the cache must not outlive it: the
+        session calls this right after a prompt is compressed, before decoding starts."""
+        ps, R = self.page_size, self.rows
+        flat, allocated = self.flat_slots()  # [R, L]
+        valid = allocated & (self.pos_pool.view(-1)[flat] >= 0)
+        n = valid.sum(1)  # [R]
+        pages = -(-n // ps)
+        total = int(pages.sum())
+        if total == self.num_pages and int(self.free_pages.numel()) == 0 and bool(
+                (pages == (self.page_table >= 0).sum(1)).all()):
+            return  # already packed: nothing to release
+        width = int(n.max()) if R else 0
+        order = (~valid).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # kept slots first, in slot order
+        src = flat.gather(1, order)  # [R, width] flat pool index of the j-th kept token of each row
+        j = torch.arange(width, device=self.device)
+        take = j < n.unsqueeze(1)
+        start = pages.cumsum(0) - pages  # first new page of each row
+        dst = (start.unsqueeze(1) + j // ps) * ps + j % ps
+        src, dst = src[take], dst[take]
+        saved = (self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool)
+        self._alloc_pool(max(total, 1))
+        for new, old in zip((self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool), saved):
+            new.view(-1, *new.shape[2:])[dst] = old.view(-1, *old.shape[2:])[src]
+        self.free_pages = self.free_pages[: self.num_pages - total]  # the pages above `total`, if any
+        maxp = max(int(pages.max()) if R else 0, 1)
+        col = torch.arange(maxp, device=self.device)
+        self.page_table = torch.where(col < pages.unsqueeze(1), start.unsqueeze(1) + col, -1).to(torch.int32)
+
+    def renumber(self, positions: torch.Tensor) -> None:
+        """Give every kept token a new position: `positions [B, S]` maps an old position `p < S` of
+        sequence b to `positions[b, p]` (>= 0). The tokens seen become `max + 1` per sequence. Used
+        to count positions from each row's first real token once its padding is evicted."""
+        B = self.batch
+        if positions.dim() != 2 or positions.shape[0] != B or positions.shape[1] < int(self.seen.max()):
+            raise AttnkitError(f"positions: expected [B={B}, S >= {int(self.seen.max())}], got {tuple(positions.shape)}")
+        flat, allocated = self.flat_slots()
+        pos = torch.where(allocated, self.pos_pool.view(-1)[flat], -1).view(B, -1)  # [B, Hkv * L]
+        ok = pos >= 0
+        new = positions.to(torch.int64).gather(1, pos.clamp_min(0))
+        if bool((ok & (new < 0)).any()):
+            raise AttnkitError("positions: a kept token was mapped to a negative position")
+        self.pos_pool.view(-1)[flat.view(B, -1)[ok]] = new[ok]
+        self.seen = torch.where(ok, new, -1).amax(1).clamp_min(-1) + 1
+        self._dirty[:] = True
+        self._bounds_stale = True
 
     def _take_pages(self, n: int) -> torch.Tensor:
         if n > self.free_pages.numel():
@@ -279,6 +337,13 @@ class PagedLayerCache:
         return self._pmax
 
     def _refresh_page_stats(self) -> None:
+        if self._kmin is None or self._kmin.shape[0] != self.num_pages:  # first use, or the pool changed size
+            P, D, dev = self.num_pages, self.head_dim, self.device
+            self._kmin = torch.zeros(P, D, dtype=torch.float32, device=dev)
+            self._kmax = torch.zeros(P, D, dtype=torch.float32, device=dev)
+            self._pmax = torch.full((P,), -1, dtype=torch.int64, device=dev)
+            self._dirty = torch.ones(P, dtype=torch.bool, device=dev)
+            self._bounds_stale = True
         if not self._bounds_stale:  # host-side flag: no device sync on a decode step that changed nothing
             return
         self._bounds_stale = False
@@ -302,8 +367,8 @@ class PagedLayerCache:
         per_tok = (self.head_dim + self.head_dim_v) * el
         allocated = int((self.page_table >= 0).sum())
         per_slot_meta = 8 + 4 + 4
-        pools = (self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool, self._kmin, self._kmax,
-                 self._pmax)
+        pools = [t for t in (self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool, self._dirty,
+                             self._kmin, self._kmax, self._pmax) if t is not None]
         return {
             "kept": int(self.num_kept().sum()) * per_tok,
             "pages": allocated * self.page_size * per_tok,

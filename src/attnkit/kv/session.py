@@ -51,9 +51,11 @@ class KVSession:
         return out
 
     def compress(self, layer: int, q: torch.Tensor, scale: float) -> None:
-        """Apply the policy to `layer` after its prompt `q [B, T, Hq, D]` (the newest T tokens) attended."""
+        """Apply the policy to `layer` after its prompt `q [B, T, Hq, D]` (the newest T tokens) attended,
+        then compact the layer so that the pool holds only the pages the kept tokens need."""
         if self.policy is not None:
             self.policy.compress(self.inputs(layer, q, scale))
+        self.cache.layer(layer).compact()
 
     # --- decode ---------------------------------------------------------------------------------
 
