@@ -100,3 +100,67 @@ def test_bad_policy_arguments(model):
         with kv_policy(model, "bogus"):
             pass
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.fixture(scope="module")
+def model64():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=L,
+                      num_attention_heads=4, num_key_value_heads=HKV, max_position_embeddings=128,
+                      pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("streaming", dict(sinks=2, window=6)), ("streaming", dict(sinks=2, budget=0.5)), ("h2o", dict(budget=10)),
+    ("h2o", dict(budget=0.5)), ("snapkv", dict(budget=0.5, obs_window=4)), ("razor", dict(sinks=2, window=4)),
+    ("quest", dict(topk=2)), ("recycled", dict(stride=2, topk=4)), ("routed", dict(method="moba",
+                                                                                   options=dict(block_size=4, topk=2))),
+])
+def test_left_padded_batch_equals_each_row_alone(model64, name, opts):
+    """Every policy and reader counts positions from each row's first real token: a left-padded
+    batch keeps and generates per row what that row keeps and generates alone."""
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(1, 96, (n,), generator=g) for n in (T, 17, 9)]
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
+    extra = dict(probe_period=8) if name == "razor" else {}
+    with kv_policy(model64, name, **opts, **extra) as kv:
+        out = model64.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+        kept = kv.num_kept()
+        batched_pos = {i: kv.session.cache.layer(i).kept()["pos"] for i in kept}
+        for b, r in enumerate(rows):
+            alone = model64.generate(r.unsqueeze(0), attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                                     max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            assert out[b, T:].tolist() == alone[0, len(r):].tolist(), f"{name}: row {b} generated differently"
+            for i, n in kv.num_kept().items():
+                assert kept[i][b].tolist() == n[0].tolist(), f"{name}: layer {i} row {b} kept {kept[i][b]} vs {n[0]}"
+                pos = kv.session.cache.layer(i).kept()["pos"][0]
+                assert batched_pos[i][b, :, :pos.shape[-1]].tolist() == pos.tolist(), f"{name}: kept positions differ"
+
+
+def test_sparse_prefill_composes_with_a_policy(model64, prompt):
+    """`attnkit.hf.use(model, method)` inside `kv_policy`: the prompt runs the method (with or
+    without a cache), then the policy compresses and decodes."""
+    import attnkit.hf
+
+    ids = prompt[:1]
+    dense = model64(ids).logits
+    attnkit.hf.use(model64, "moba", block_size=4, topk=1)
+    try:
+        sparse = model64(ids).logits
+        assert not torch.allclose(sparse, dense)
+        with kv_policy(model64, "streaming", sinks=2, window=8) as kv:
+            with_cache = model64(ids, use_cache=True).logits
+            no_cache = model64(ids, use_cache=False).logits
+            out = model64.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+            kept = kv.num_kept()
+        torch.testing.assert_close(with_cache, sparse, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(no_cache, sparse, rtol=1e-10, atol=1e-10)
+        assert out.shape == (1, T + 3) and all(n.tolist() == [[10] * HKV] for n in kept.values())
+    finally:
+        for m in attnkit.hf.attention_modules(model64):
+            del m.attnkit, m.attnkit_inputs, m.attnkit_aux_loss
+        model64.set_attn_implementation("sdpa")

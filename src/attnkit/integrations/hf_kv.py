@@ -33,6 +33,7 @@ from ..kv.policies import POLICIES, EvictionPolicy, Razor, get_policy
 from ..kv.razor_heads import head_scores, retrieval_heads
 from ..kv.session import KVSession
 from ..kv.sparse import Quest, Reader, Recycled, Routed, Santa
+from .hf_attention import attend
 from .hf_version import require_transformers
 
 require_transformers()
@@ -60,6 +61,7 @@ class _PolicyLayer(CacheLayerMixin):
         super().__init__()
         self.session, self.layer_idx = session, layer_idx
         self.new_tokens = 0
+        self.length = 0  # tokens seen, padding included (transformers' positions); the cache counts real ones
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -71,11 +73,16 @@ class _PolicyLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.session.cache.append(self.layer_idx, key_states.transpose(1, 2), value_states.transpose(1, 2))
         self.new_tokens = key_states.shape[-2]
+        self.length += self.new_tokens
         return key_states, value_states
 
+    @property
+    def prefill(self) -> bool:
+        """Whether the last update was the prompt (the first one)."""
+        return self.length == self.new_tokens
+
     def get_seq_length(self) -> int:
-        cache = self.session.cache
-        return int(cache.layer(self.layer_idx).seen.max()) if cache.has_layer(self.layer_idx) else 0
+        return self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -144,34 +151,59 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
         handle.probe[layer_idx] = head_scores(query.transpose(1, 2), key.transpose(1, 2), handle.probe_period, scale)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if handle is None or handle.active is None:
+    if handle is None or handle.active is None:  # no cache: a plain forward (training, scoring)
+        if getattr(module, "attnkit", None) is not None:
+            key_ok = _real_keys(attention_mask, key.shape[0], key.shape[2], key.device)
+            out = attend(module, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                         None if bool(key_ok.all()) else key_ok, bool(getattr(module, "is_causal", True)), scale)
+            return out, None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     session = handle.active.session
-    layer = session.cache.layer(layer_idx)
-    tq = query.shape[2]
+    cache_layer: _PolicyLayer = handle.active.layers[layer_idx]
     q = query.transpose(1, 2)  # [B, Tq, Hq, D]
-    if int(layer.seen.max()) == tq:  # prefill: the prompt attends to itself in full, then compression
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scale,
-                                        **kwargs)
-        _drop_padding(layer, attention_mask)
+    if cache_layer.prefill:  # the prompt attends to itself in full, then compression
+        key_ok = _real_keys(attention_mask, key.shape[0], key.shape[2], key.device)
+        if getattr(module, "attnkit", None) is not None:  # attnkit.hf.use(model, method): sparse prefill
+            out = attend(module, q, key.transpose(1, 2), value.transpose(1, 2),
+                         None if bool(key_ok.all()) else key_ok, True, scale)
+        else:
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scale,
+                                            **kwargs)
+        _drop_padding(session.cache.layer(layer_idx), key_ok)
         session.compress(layer_idx, q, scale)
         return out, None
     return session.attend(layer_idx, q, scale), None
 
 
-def _drop_padding(layer: Any, attention_mask: Optional[torch.Tensor]) -> None:
-    """Evict prompt tokens that no query may see (left padding): the last query's mask row."""
-    if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
-        return
-    key_ok = attention_mask[:, 0, -1, :]  # [B, T] over cache positions 0..T-1
+def _real_keys(attention_mask: Optional[torch.Tensor], batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """The prompt's real tokens, `bool [B, T]`, from the mask `sdpa_mask` built (None: all real).
+    The last query's row masks exactly the padding keys (with left padding it is a real token)."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+        raise AttnkitError(f"attention_mask: expected the boolean 4D mask of sdpa_mask, got {attention_mask.dtype} "
+                           f"{tuple(attention_mask.shape)}")
+    return attention_mask[:, 0, -1, :length].expand(batch, length)
+
+
+def _drop_padding(layer: Any, key_ok: torch.Tensor) -> None:
+    """Evict the prompt's padding and count each row's positions from its first real token, so
+    that sinks, windows and observation windows mean the same in a padded batch as alone. Only
+    left padding (generate's `padding_side="left"`) is served: the prompt's queries are then the
+    newest tokens of every row."""
     if bool(key_ok.all()):
         return
+    started = key_ok.long().cumsum(1) > 0
+    if bool((started & ~key_ok).any()):
+        raise AttnkitError("attention_mask: a KV policy serves left-padded prompts (tokenizer padding_side='left'), "
+                           "got padding after or between real tokens")
     lg = layer.logical()
     pos = lg["pos"]  # [B, Hkv, L]
     bad = lg["valid"] & ~key_ok.gather(1, pos.clamp_min(0).flatten(1)).view_as(pos)
     L = pos.shape[-1]
     layer.evict(torch.where(bad, torch.arange(L, device=pos.device), -1))
+    layer.renumber(key_ok.long().cumsum(1) - 1)
 
 
 def register() -> None:

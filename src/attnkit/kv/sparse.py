@@ -234,7 +234,8 @@ class Routed(Reader):
     """Decode with a registered method's own selection (its spec's `select(call, opts)` at the decode
     queries over the cached keys). The cache must hold a contiguous prefix (positions
     `0 .. seen-1`, nothing evicted), so that key blocks mean what the method means by them; the
-    selection is mapped from position-ordered keys back to logical slots."""
+    selection is mapped from position-ordered keys back to logical slots. Sequences of different
+    lengths (a padded batch) select one at a time."""
 
     name: ClassVar[str] = "routed"
     method: str = "moba"
@@ -252,11 +253,24 @@ class Routed(Reader):
     def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> KVSelection:
         kept = cache.kept(by_position=True)
         pos = kept["pos"]
-        n = int(cache.seen.min())
-        expect = torch.arange(pos.shape[-1], device=pos.device)
-        if int(cache.seen.max()) != n or pos.shape[-1] != n or not bool((pos == expect).all()):
+        seen = cache.seen.tolist()
+        N = pos.shape[-1]
+        expect = torch.arange(N, device=pos.device)
+        full = (pos == expect) | ((pos < 0) & (expect >= cache.seen.view(-1, 1, 1)))
+        if not bool(full.all()) or (kept["valid"].sum(-1) != cache.seen.view(-1, 1)).any():
             raise AttnkitError(f"cache: routed decode ({self.method}) needs every head to hold positions 0..seen-1 "
-                               "(no eviction, same length per sequence)")
+                               "(no eviction)")
+        if len(set(seen)) == 1:
+            return self._select(q, kept, seen[0], cache.num_heads)
+        # rows of different lengths (a padded batch): each row selects over its own keys
+        parts = [self._select(q[b:b + 1], {n: t[b:b + 1, :, :seen[b]] for n, t in kept.items()}, seen[b],
+                              cache.num_heads) for b in range(len(seen))]
+        width = max(p.indices.shape[-1] for p in parts)
+        rows = [torch.nn.functional.pad(p.indices, (0, width - p.indices.shape[-1]), value=-1) for p in parts]
+        return KVSelection(torch.cat(rows, 0).contiguous(), q_block=parts[0].q_block, k_block=1)
+
+    def _select(self, q: torch.Tensor, kept: dict[str, torch.Tensor], n: int, H: int) -> KVSelection:
+        """The selection of `q [B, Tq, Hq, D]` over `kept` (position order, `n` tokens per row)."""
         k = kept["k"].transpose(1, 2)  # [B, T, Hkv, D], position order
         spec = self._spec()
         call = validate_attention(q, k, k, causal=True)
@@ -267,7 +281,7 @@ class Routed(Reader):
         blocks = sel.indices.long()  # [B, Hsel, Nq, S]
         tok = (blocks.unsqueeze(-1) * kb + torch.arange(kb, device=blocks.device))  # [B, Hsel, Nq, S, kb]
         tok = torch.where((blocks.unsqueeze(-1) >= 0) & (tok < n), tok, -1).flatten(-2)
-        hs, H = sel.num_heads, cache.num_heads
+        hs = sel.num_heads
         slots_by_pos = kept["slot"]  # [B, Hkv, T]: each KV head has its own slot layout
         if hs == Hq:
             src = slots_by_pos.repeat_interleave(Hq // H, 1)  # [B, Hq, T]
