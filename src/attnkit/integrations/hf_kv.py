@@ -90,6 +90,9 @@ class _PolicyLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # the name transformers < 5.2x gives get_max_length
+        return -1
+
     def reset(self) -> None:
         raise AttnkitError("cache: a PolicyCache cannot be reset; leave the kv_policy context and start a new one")
 
