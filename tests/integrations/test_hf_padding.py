@@ -147,3 +147,13 @@ def test_untrained_projections_warn() -> None:
     model = _model("dense")
     with pytest.warns(UserWarning, match="untrained projections"):
         attnkit.hf.use(model, method="nsa", block_size=4, topk=2, window=4)
+
+
+def test_static_cache_generate_equals_dynamic() -> None:
+    """`cache_implementation="static"`: the mask cuts the cache's unwritten slots, padding as above."""
+    model = _model("dense").eval()
+    _, ids, mask = _batch("left")
+    kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    static = model.generate(ids, cache_implementation="static", **kw)
+    dynamic = model.generate(ids, **kw)
+    assert torch.equal(static, dynamic)
