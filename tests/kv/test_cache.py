@@ -147,3 +147,18 @@ def test_renumber_counts_from_first_real_token():
     assert c.seen.tolist() == [4, 6]
     with pytest.raises(AttnkitError, match="positions"):
         c.renumber(torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_page_bounds_survive_growth_and_compaction():
+    c, _, _ = random_cache(B=1, T=8, H=2, page_size=4)
+    c.page_bounds()
+    for _ in range(3):  # growth keeps the incremental bounds of the old pages
+        c.append(torch.randn(1, 4, 2, 8, dtype=torch.float64), torch.randn(1, 4, 2, 8, dtype=torch.float64))
+        c.evict(torch.tensor([[[1, 5], [2, -1]]]))
+        c.compact()
+        kmin, kmax = c.page_bounds()
+        k = c.k_pool.float()
+        ok = (c.pos_pool >= 0).unsqueeze(-1)
+        used = ok.any(1).squeeze(-1)
+        torch.testing.assert_close(kmin[used], torch.where(ok, k, float("inf")).amin(1)[used])
+        torch.testing.assert_close(kmax[used], torch.where(ok, k, float("-inf")).amax(1)[used])

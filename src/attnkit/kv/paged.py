@@ -92,9 +92,8 @@ class PagedLayerCache:
         for dst, src in zip((self.k_pool, self.v_pool, self.pos_pool, self.bias_pool, self.score_pool), saved[:5]):
             dst[:old] = src
         if bounds[0] is not None:  # keep the incremental bounds: only the new pages are dirty
-            self._refresh_page_stats()
+            self._alloc_bounds()
             self._kmin[:old], self._kmax[:old], self._pmax[:old], self._dirty[:old] = bounds[:4]
-            self._bounds_stale = True
         extra = torch.arange(new - 1, old - 1, -1, dtype=torch.int64, device=self.device)
         self.free_pages = torch.cat([extra, saved[5]])
 
@@ -336,14 +335,18 @@ class PagedLayerCache:
         self._refresh_page_stats()
         return self._pmax
 
+    def _alloc_bounds(self) -> None:
+        """Per-page bounds for the whole pool, every page marked dirty."""
+        P, D, dev = self.num_pages, self.head_dim, self.device
+        self._kmin = torch.zeros(P, D, dtype=torch.float32, device=dev)
+        self._kmax = torch.zeros(P, D, dtype=torch.float32, device=dev)
+        self._pmax = torch.full((P,), -1, dtype=torch.int64, device=dev)
+        self._dirty = torch.ones(P, dtype=torch.bool, device=dev)
+        self._bounds_stale = True
+
     def _refresh_page_stats(self) -> None:
-        if self._kmin is None or self._kmin.shape[0] != self.num_pages:  # first use, or the pool changed size
-            P, D, dev = self.num_pages, self.head_dim, self.device
-            self._kmin = torch.zeros(P, D, dtype=torch.float32, device=dev)
-            self._kmax = torch.zeros(P, D, dtype=torch.float32, device=dev)
-            self._pmax = torch.full((P,), -1, dtype=torch.int64, device=dev)
-            self._dirty = torch.ones(P, dtype=torch.bool, device=dev)
-            self._bounds_stale = True
+        if self._kmin is None or self._kmin.shape[0] != self.num_pages:  # first use, or the pool was compacted
+            self._alloc_bounds()
         if not self._bounds_stale:  # host-side flag: no device sync on a decode step that changed nothing
             return
         self._bounds_stale = False
