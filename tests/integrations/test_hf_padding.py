@@ -157,3 +157,30 @@ def test_static_cache_generate_equals_dynamic() -> None:
     static = model.generate(ids, cache_implementation="static", **kw)
     dynamic = model.generate(ids, **kw)
     assert torch.equal(static, dynamic)
+
+
+def test_nan_in_padding_never_reaches_a_real_row() -> None:
+    model = _model("dense")
+    mod = attnkit.hf.attention_modules(model)[0]
+    B, T, D = 2, 6, HID // HQ
+    q, k, v = (torch.randn(B, T, h, D, dtype=torch.float64) for h in (HQ, HKV, HKV))
+    keys = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    clean = attend(mod, q, k, v, keys, True, None)
+    for t in (q, k, v):
+        t[~keys] = float("nan")
+    dirty = attend(mod, q, k, v, keys, True, None)
+    assert torch.equal(dirty, clean) and bool(torch.isfinite(dirty).all())
+    # cached decoding (Tq < Tk): one query per row over padded keys
+    one = attend(mod, q[:, -1:].nan_to_num(0.0), k, v, keys[:, :], True, None)
+    assert bool(torch.isfinite(one).all()) and bool((one[1] == 0).all())  # row 1's last token is padding
+
+
+def test_prefill_method_at_decode_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnkit.integrations import hf_attention
+
+    monkeypatch.setattr(hf_attention, "_WARNED", set())
+    model = _model("block_topk").eval()
+    ids = torch.randint(1, V, (1, 12))
+    with pytest.warns(UserWarning, match="sparse-prefill method") as record:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert sum("sparse-prefill" in str(w.message) for w in record) == 1
