@@ -115,7 +115,7 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.shape[1] < k.shape[1] and get_method(cfg.method).family == "prefill":
         _warn_once(("decode", cfg.method), f"attnkit: {cfg.method!r} is a sparse-prefill method; a decode step (a few "
                    f"queries over a longer cache) runs it too, selecting key blocks for the new queries over the "
-                   f"whole cache. To decode densely, call attnkit.hf.use(model, 'dense') after the prefill.")
+                   f"whole cache (inside attnkit.hf.kv_policy, decode steps follow the policy instead).")
     if key_mask is None:
         return _run(module, cfg, q, k, v, causal, scale, None)
     B, Tq = q.shape[:2]
@@ -124,12 +124,12 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise AttnkitError(f"attention_mask: expected [B={B}, Tk' <= {k.shape[1]}] (bool, keys that may be seen), "
                            f"got {tuple(key_mask.shape)}")
     k, v = k[:, :tk], v[:, :tk]  # a static cache's slots after the newest query: never visible
+    if Tq == tk:  # self-attention: query i is key i
+        return _run_packed(module, cfg, q, k, v, key_mask, causal, scale)
     if causal:
         q_mask = key_mask[:, tk - Tq:]  # the queries are the newest Tq tokens
-    else:
-        q_mask = key_mask if Tq == tk else torch.ones(B, Tq, dtype=torch.bool, device=q.device)
-    if Tq == tk:
-        return _run_packed(module, cfg, q, k, v, key_mask, causal, scale)
+    else:  # cross-attention: every query is real
+        q_mask = torch.ones(B, Tq, dtype=torch.bool, device=q.device)
     return _run_rows(module, cfg, q, k, v, key_mask, q_mask, causal, scale)
 
 
