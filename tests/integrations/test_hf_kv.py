@@ -164,3 +164,13 @@ def test_sparse_prefill_composes_with_a_policy(model64, prompt):
         for m in attnkit.hf.attention_modules(model64):
             del m.attnkit, m.attnkit_inputs, m.attnkit_aux_loss
         model64.set_attn_implementation("sdpa")
+
+
+def test_right_padding_raises(model, prompt):
+    from attnkit.core.contract import AttnkitError
+
+    mask = torch.ones_like(prompt)
+    mask[0, -3:] = 0
+    with kv_policy(model, "streaming", sinks=2, window=6):
+        with pytest.raises(AttnkitError, match="left-padded"):
+            model.generate(prompt, attention_mask=mask, max_new_tokens=2, do_sample=False)
