@@ -20,8 +20,7 @@ def test_explain_sparse_attention_lists_every_backend_and_matches_the_run() -> N
     sel = ak.methods.moba.select(q, k, block_size=8, topk=2)
     exp = ak.explain(q, k, v, method="ops.sparse_attention", selection=sel)
     assert exp.chosen == "reference" and [r[0] for r in exp.rows] == ["triton", "flex", "reference"], str(exp)
-    triton_reason = exp.rows[0][2]
-    assert "cuda only" in triton_reason and "needs CUDA tensors" in triton_reason, triton_reason  # both reasons
+    assert "chosen automatically on cuda only" in exp.rows[0][2], exp.rows[0][2]  # the CPU twin runs on request
     out = ak.ops.sparse_attention(q, k, v, sel)
     want = ak.ops.sparse_attention(q, k, v, sel, backend="reference")
     assert torch.equal(out, want)
@@ -32,6 +31,9 @@ def test_explain_dense_and_masked() -> None:
     exp = ak.explain(q, k, v, method="ops.dense_attention", return_lse=True)
     assert exp.chosen == "reference" and exp.rows[0][:2] == ("sdpa", False) and "LSE" in exp.rows[0][2], str(exp)
     assert ak.explain(q, k, v, method="ops.dense_attention").chosen == "sdpa"
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    exp = ak.explain(q, k, v, method="ops.dense_attention", return_lse=True, cu_seqlens=cu)
+    assert "LSE" in exp.rows[0][2] and "varlen" in exp.rows[0][2], exp.rows[0][2]  # every reason, not the first
     exp = ak.explain(q, k, v, method="ops.masked_attention", mask=ak.masks.sliding_window(4))
     assert exp.chosen == "reference", str(exp)
     with pytest.raises(ak.AttnkitError, match="^op: expected one of"):
