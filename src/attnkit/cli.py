@@ -4,6 +4,7 @@
     attnkit info                            every backend, whether it is usable here, and why not
     attnkit explain METHOD [--seqlen 4K] [--set OPTION=VALUE ...]   which backend runs a call, and why
     attnkit bench [...]                     speed, memory and fidelity of every method (docs/benchmark.md)
+    attnkit accuracy [...]                  long-context task accuracy on a real model (docs/accuracy.md)
     attnkit --version
 
 A bad argument exits with status 2 and one line on stderr. Output to a closed pipe
@@ -176,6 +177,12 @@ def parser() -> argparse.ArgumentParser:
 
     add_arguments(p_bench)
     p_bench.set_defaults(func=run)
+    p_acc = sub.add_parser("accuracy", help="long-context task accuracy of dense, sparse prefill and KV policies on a "
+                                            "real model (docs/accuracy.md)")
+    from .bench.accuracy import cli as accuracy_cli
+
+    accuracy_cli.add_arguments(p_acc)
+    p_acc.set_defaults(func=accuracy_cli.run)
     return p
 
 

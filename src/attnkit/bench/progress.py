@@ -8,14 +8,14 @@ import sys
 class Progress:
     """A tqdm bar on stderr when it is a terminal (and tqdm is installed), else one line per group."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, name: str = "attnkit bench") -> None:
         self.bar = None
-        self.enabled = enabled
+        self.enabled, self.name = enabled, name
         if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, file=sys.stderr, unit="row", desc="attnkit bench", dynamic_ncols=True)
+                self.bar = tqdm(total=total, file=sys.stderr, unit="row", desc=name, dynamic_ncols=True)
             except ImportError:
                 pass
 
@@ -23,7 +23,7 @@ class Progress:
         if self.bar is not None:
             self.bar.set_description(text)
         elif self.enabled:
-            print(f"attnkit bench: {text}", file=sys.stderr)
+            print(f"{self.name}: {text}", file=sys.stderr)
 
     def step(self, text: str) -> None:
         if self.bar is not None:
