@@ -32,7 +32,8 @@ BACKENDS = ("triton", "sdpa", "reference")
 CACHE_API = ("batch", "head_dim", "num_heads", "page_size", "capacity", "seen", "device", "dtype", "logical")
 
 
-def _check(q: object, cache: Any, selection: Optional[KVSelection], scale: Optional[float]) -> float:
+def check_decode(q: object, cache: Any, selection: Optional[KVSelection], scale: Optional[float]) -> float:
+    """Validate a decode call (query against the cache, selection, scale); returns the scale."""
     q = check_tensor("q", q, 4, "[B, Tq, Hq, D]")
     if isinstance(cache, type) or not all(hasattr(cache, name) for name in CACHE_API):
         raise AttnkitError(f"cache: expected an attnkit.kv.PagedLayerCache, got {type(cache).__name__}")
@@ -184,14 +185,7 @@ def decode_attention(q: torch.Tensor, cache: Any, selection: Optional[KVSelectio
 
     `backend="auto"` takes `triton` on CUDA, else `sdpa` for dense calls without LSE, else
     `reference`."""
-    chosen, _, call = plan(q, cache, selection, scale=scale, causal=causal, return_lse=return_lse, backend=backend)
-    return chosen.run(call, None)
-
-
-def plan(q: torch.Tensor, cache: Any, selection: Optional[KVSelection] = None, *, scale: Optional[float] = None,
-         causal: bool = True, return_lse: bool = False, backend: str = "auto") -> tuple[Backend, Explanation, DecodeCall]:
-    """Validate a `decode_attention` call and pick its backend (`attnkit.ops.explain` shows the decision)."""
-    scale = _check(q, cache, selection, scale)
+    scale = check_decode(q, cache, selection, scale)
     if not isinstance(causal, bool):
         raise AttnkitError(f"causal: expected a bool, got {causal!r}")
     call = DecodeCall(q, cache, selection, scale, causal, return_lse)
