@@ -124,3 +124,36 @@ def test_backend_checks_devices_dtypes_and_grad() -> None:
         assert b.why_not(validate_attention(qg, k, v), None) is None
     b = registry.Backend("missing", lambda c, o: None, available=lambda: "triton not installed")
     assert b.why_not(validate_attention(q, k, v), None) == "triton not installed"
+
+
+def test_numpy_and_0d_tensor_scalars_mean_their_value() -> None:
+    np = pytest.importorskip("numpy")  # numpy comes with the test extras (hypothesis' numpy support)
+    q, k, v = qkv()
+    want = ak.attention(q, k, v, "sliding_window", window=3, scale=0.5)
+    for scale in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        assert torch.equal(ak.attention(q, k, v, "sliding_window", window=3, scale=scale), want), repr(scale)
+    assert torch.equal(ak.attention(q, k, v, "sliding_window", window=np.int64(3), scale=0.5), want)
+    with pytest.raises(ak.AttnkitError, match="scale"):
+        ak.attention(q, k, v, scale=torch.tensor(0.5, requires_grad=True))  # not a constant
+
+
+@pytest.mark.parametrize("spec", registry.methods(), ids=lambda s: s.name)
+@pytest.mark.parametrize("shape", [(0, 6, 6), (1, 0, 6), (1, 6, 0)], ids=["B=0", "Tq=0", "Tk=0"])
+def test_empty_inputs_give_empty_results_as_sdpa(spec, shape) -> None:
+    B, Tq, Tk = shape
+    if Tq != Tk and (spec.family == "linear" or not spec.capabilities.decode):
+        return  # the method refuses Tq != Tk whatever the sizes
+    hkv = 2 if spec.capabilities.gqa else 4
+    q = torch.randn(B, Tq, 4, 8, requires_grad=True)
+    k, v = torch.randn(B, Tk, hkv, 8, requires_grad=True), torch.randn(B, Tk, hkv, 8, requires_grad=True)
+    opts = spec.example(validate_attention(q, k, v, allow_empty=True))
+    causal = not spec.capabilities.non_causal
+    out, lse = ak.attention(q, k, v, spec.name, causal=causal, return_lse=True, **opts) if spec.capabilities.lse else \
+        (ak.attention(q, k, v, spec.name, causal=causal, **opts), None)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(4 // hkv, 2).transpose(1, 2),
+                                                            v.repeat_interleave(4 // hkv, 2).transpose(1, 2)).transpose(1, 2)
+    assert out.shape == sdpa.shape and torch.equal(out, sdpa)
+    if lse is not None:
+        assert lse.shape == (B, 4, Tq) and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert q.grad.shape == q.shape and not q.grad.any()

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 
 from .core.contract import AttentionCall, validate_attention
+from .ops._backends import run_empty
 from .registry import (Explanation, MethodOptions, MethodSpec, check_capabilities, choose_backend, ensure_backend,
                        get_method, parse_options)
 
@@ -32,6 +33,8 @@ def attention(
     call (`attnkit.explain` says why).
     """
     spec, call, opts = _prepare(q, k, v, method, causal, scale, cu_seqlens, return_lse, options)
+    if call.empty:  # no query or no key, as SDPA: an empty output, or zeros (LSE -inf)
+        return run_empty(call)
     chosen = ensure_backend(choose_backend(spec, call, opts, backend))
     return spec.backend(chosen).run(call, opts)
 
@@ -68,6 +71,7 @@ def _prepare(q: Any, k: Any, v: Any, method: str, causal: bool, scale: Optional[
              options: dict[str, Any]) -> tuple[MethodSpec, AttentionCall, MethodOptions]:
     """Validate everything (inputs, capabilities, options) before any computation."""
     spec = get_method(method)
-    call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
+    call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse,
+                              allow_empty=True)
     check_capabilities(spec, call)
     return spec, call, parse_options(spec, call, options)

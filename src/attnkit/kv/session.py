@@ -61,9 +61,7 @@ class KVSession:
              scale: Optional[float] = None) -> torch.Tensor:
         """One decode step of `Tq` (1 to a few) new tokens: append, evict, attend. `[B, Tq, Hq, Dv]`.
         Everything is validated before the cache changes, so a rejected call can be retried."""
-        call = validate_attention(q, k, v, causal=True, scale=scale)
-        if call.tq == 0:
-            raise AttnkitError(f"q: expected Tq >= 1 decode queries, got {tuple(q.shape)}")
+        validate_attention(q, k, v, causal=True, scale=scale)
         self.cache.append(layer, k, v)  # checks k, v against the cache before writing
         return self.attend(layer, q, scale)
 

@@ -21,6 +21,30 @@ def finish(call: AttentionCall, out: torch.Tensor, lse: Optional[torch.Tensor]) 
     return (out, lse) if call.return_lse else out
 
 
+class _Empty(torch.autograd.Function):
+    """Zeros that depend on q, k, v (zero gradients), without touching their values: a result
+    built as `0 * x` would turn a NaN input into a NaN output."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, shape):  # type: ignore[no-untyped-def]
+        ctx.meta = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return q.new_zeros(shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        return (*(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta), None)
+
+
+def run_empty(call: AttentionCall) -> Any:
+    """The result of a call with no query or no key (`call.empty`), as SDPA gives it: an empty
+    output, or rows of zeros with LSE -inf when no key exists."""
+    B, Tq, Hq = call.batch, call.tq, call.hq
+    out = _Empty.apply(call.q, call.k, call.v, (B, Tq, Hq, call.head_dim_v))
+    lse = torch.full((B, Hq, Tq), float("-inf"), device=call.device,
+                     dtype=torch.float64 if call.dtype == torch.float64 else torch.float32)
+    return finish(call, out, lse)
+
+
 def run_reference(call: AttentionCall, mask: Optional[Mask] = None, selection: Optional[KVSelection] = None) -> Any:
     """Memory-efficient blockwise reference (any device, any dtype, LSE, varlen, backward)."""
     out, lse = blockwise_attention(call.q, call.k, call.v, causal=call.causal, scale=call.scale,

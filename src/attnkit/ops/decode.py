@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
-from ..core.contract import AttnkitError, check_tensor
+from ..core.contract import AttnkitError, check_tensor, plain_scalar
 from ..core.selection import KVSelection
 from .dispatch import Backend, Explanation, pick
 
@@ -48,6 +48,7 @@ def check_decode(q: object, cache: Any, selection: Optional[KVSelection], scale:
         if not isinstance(selection, KVSelection):
             raise AttnkitError(f"selection: expected an attnkit KVSelection or None, got {type(selection).__name__}")
         selection.validate(B, Hq, cache.num_heads, Tq, cache.capacity)
+    scale = plain_scalar(scale)
     if scale is None:
         return D ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
