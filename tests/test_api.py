@@ -157,3 +157,22 @@ def test_empty_inputs_give_empty_results_as_sdpa(spec, shape) -> None:
         assert lse.shape == (B, 4, Tq) and torch.isneginf(lse).all()
     out.sum().backward()
     assert q.grad.shape == q.shape and not q.grad.any()
+
+
+def test_layout_bhtd_is_explicit_and_a_likely_swap_warns() -> None:
+    q, k, v = (torch.randn(1, 4, 80, 8) for _ in range(3))  # [B, H, T, D]: 4 heads, 80 tokens
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out, lse = ak.attention(q, k, v, layout="bhtd", return_lse=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert lse.shape == (1, 4, 80)
+    with pytest.warns(UserWarning, match="layout='bhtd'"):
+        ak.attention(q, k, v)  # read as 80 heads of 4 tokens: the classic mistake
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ak.attention(q, k, v, layout="bthd")  # declared: no warning
+        ak.attention(*qkv())  # typical [B, T, H, D] shapes: no warning
+        ak.attention(torch.randn(1, 1, 32, 8), torch.randn(1, 100, 8, 8), torch.randn(1, 100, 8, 8))  # decode
+    with pytest.raises(ak.AttnkitError, match="layout"):
+        ak.attention(q, k, v, layout="bshd")
