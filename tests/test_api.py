@@ -176,3 +176,13 @@ def test_layout_bhtd_is_explicit_and_a_likely_swap_warns() -> None:
         ak.attention(torch.randn(1, 1, 32, 8), torch.randn(1, 100, 8, 8), torch.randn(1, 100, 8, 8))  # decode
     with pytest.raises(ak.AttnkitError, match="layout"):
         ak.attention(q, k, v, layout="bshd")
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_dense_auto_keeps_a_future_nan_out_of_earlier_rows(where) -> None:
+    q, k, v = qkv(T=12)
+    want = ak.attention(q, k, v)
+    x = (k if where == "k" else v).clone()
+    x[0, 9] = float("nan")
+    got = ak.attention(q, *((x, v) if where == "k" else (k, x)))
+    assert torch.equal(got[:, :9], want[:, :9]) and torch.isnan(got[:, 9:]).any(-1).all()

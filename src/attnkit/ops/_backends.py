@@ -63,8 +63,19 @@ def run_sdpa(call: AttentionCall) -> Any:
     """Dense attention through PyTorch SDPA (cuDNN / flash / efficient kernels on GPU)."""
     # a single query aligned bottom-right sees every key: that is non-causal attention
     is_causal = call.causal and call.tq > 1
+    k, v, reached = call.k, call.v, None
+    if is_causal:
+        # SDPA weights masked keys by 0, and 0 * NaN would reach rows that cannot see a bad key: run
+        # it on zero-filled keys/values and set the rows at or after a bad key (Tq == Tk here) to NaN
+        bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [B, T, Hkv]
+        if bool(bad.any()):
+            reached = (bad.cumsum(1) > 0).repeat_interleave(call.hq // call.hkv, 2).unsqueeze(-1)  # [B, T, Hq, 1]
+            zero = torch.zeros((), dtype=k.dtype, device=k.device)
+            k, v = torch.where(torch.isfinite(k), k, zero), torch.where(torch.isfinite(v), v, zero)
     out = F.scaled_dot_product_attention(
-        call.q.transpose(1, 2), call.k.transpose(1, 2), call.v.transpose(1, 2),
+        call.q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         is_causal=is_causal, scale=call.scale, enable_gqa=call.hq != call.hkv,
-    )
-    return finish(call, out.transpose(1, 2), None)
+    ).transpose(1, 2)
+    if reached is not None:
+        out = out.masked_fill(reached, float("nan"))
+    return finish(call, out, None)
