@@ -186,6 +186,13 @@ def decode_attention(q: torch.Tensor, cache: Any, selection: Optional[KVSelectio
 
     `backend="auto"` takes `triton` on CUDA, else `sdpa` for dense calls without LSE, else
     `reference`."""
+    chosen, _, call = plan(q, cache, selection, scale=scale, causal=causal, return_lse=return_lse, backend=backend)
+    return chosen.run(call, None)
+
+
+def plan(q: torch.Tensor, cache: Any, selection: Optional[KVSelection] = None, *, scale: Optional[float] = None,
+         causal: bool = True, return_lse: bool = False, backend: str = "auto") -> tuple[Backend, Explanation, DecodeCall]:
+    """Validate a `decode_attention` call and pick its backend (`attnkit.ops.explain` shows the decision)."""
     scale = check_decode(q, cache, selection, scale)
     if not isinstance(causal, bool):
         raise AttnkitError(f"causal: expected a bool, got {causal!r}")
