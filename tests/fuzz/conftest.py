@@ -12,7 +12,7 @@ import os
 from hypothesis import HealthCheck, settings
 
 FUZZ_EXAMPLES_ENV = "ATTNKIT_FUZZ_EXAMPLES"
-CI_EXAMPLES = 3
+CI_EXAMPLES = 5
 
 
 def fuzz_examples() -> int:
