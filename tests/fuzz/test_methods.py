@@ -116,13 +116,7 @@ def test_rows_that_see_nothing_give_zero_and_minus_inf(spec, data):
         assert torch.isneginf(lse[..., :blind]).all(), f"{spec.name}: blind rows' LSE not -inf"
 
 
-# NSA: a NaN key found by the long profile to reach earlier rows (first row 0, causal, no varlen);
-# its cause (in the three-branch selection) is not located yet
-KNOWN_LEAKS = {"nsa": "a future NaN key reaches earlier rows (ATTNKIT_FUZZ_EXAMPLES=20 finds it)"}
-
-
-@pytest.mark.parametrize("spec", [pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN_LEAKS[m.name], strict=False))
-                                  if m.name in KNOWN_LEAKS else m for m in METHODS], ids=ids)
+@pytest.mark.parametrize("spec", METHODS, ids=ids)
 @given(data=st.data(), bad=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
        where=st.sampled_from(["k", "v"]))
 @fuzz()
