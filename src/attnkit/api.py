@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from .core.contract import AttentionCall, AttnkitError, from_bhtd, to_bhtd, validate_attention
-from .ops._backends import run_empty
+from .ops.executors import run_empty
 from .registry import (Explanation, MethodOptions, MethodSpec, check_capabilities, choose_backend, ensure_backend,
                        get_method, parse_options)
 
