@@ -124,3 +124,65 @@ def test_backend_checks_devices_dtypes_and_grad() -> None:
         assert b.why_not(validate_attention(qg, k, v), None) is None
     b = registry.Backend("missing", lambda c, o: None, available=lambda: "triton not installed")
     assert b.why_not(validate_attention(q, k, v), None) == "triton not installed"
+
+
+def test_numpy_and_0d_tensor_scalars_mean_their_value() -> None:
+    np = pytest.importorskip("numpy")  # numpy comes with the test extras (hypothesis' numpy support)
+    q, k, v = qkv()
+    want = ak.attention(q, k, v, "sliding_window", window=3, scale=0.5)
+    for scale in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        assert torch.equal(ak.attention(q, k, v, "sliding_window", window=3, scale=scale), want), repr(scale)
+    assert torch.equal(ak.attention(q, k, v, "sliding_window", window=np.int64(3), scale=0.5), want)
+    with pytest.raises(ak.AttnkitError, match="scale"):
+        ak.attention(q, k, v, scale=torch.tensor(0.5, requires_grad=True))  # not a constant
+
+
+@pytest.mark.parametrize("spec", registry.methods(), ids=lambda s: s.name)
+@pytest.mark.parametrize("shape", [(0, 6, 6), (1, 0, 6), (1, 6, 0)], ids=["B=0", "Tq=0", "Tk=0"])
+def test_empty_inputs_give_empty_results_as_sdpa(spec, shape) -> None:
+    B, Tq, Tk = shape
+    if Tq != Tk and (spec.family == "linear" or not spec.capabilities.decode):
+        return  # the method refuses Tq != Tk whatever the sizes
+    hkv = 2 if spec.capabilities.gqa else 4
+    q = torch.randn(B, Tq, 4, 8, requires_grad=True)
+    k, v = torch.randn(B, Tk, hkv, 8, requires_grad=True), torch.randn(B, Tk, hkv, 8, requires_grad=True)
+    opts = spec.example(validate_attention(q, k, v, allow_empty=True))
+    causal = not spec.capabilities.non_causal
+    out, lse = ak.attention(q, k, v, spec.name, causal=causal, return_lse=True, **opts) if spec.capabilities.lse else \
+        (ak.attention(q, k, v, spec.name, causal=causal, **opts), None)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(4 // hkv, 2).transpose(1, 2),
+                                                            v.repeat_interleave(4 // hkv, 2).transpose(1, 2)).transpose(1, 2)
+    assert out.shape == sdpa.shape and torch.equal(out, sdpa)
+    if lse is not None:
+        assert lse.shape == (B, 4, Tq) and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert q.grad.shape == q.shape and not q.grad.any()
+
+
+def test_layout_bhtd_is_explicit_and_a_likely_swap_warns() -> None:
+    q, k, v = (torch.randn(1, 4, 80, 8) for _ in range(3))  # [B, H, T, D]: 4 heads, 80 tokens
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out, lse = ak.attention(q, k, v, layout="bhtd", return_lse=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert lse.shape == (1, 4, 80)
+    with pytest.warns(UserWarning, match="layout='bhtd'"):
+        ak.attention(q, k, v)  # read as 80 heads of 4 tokens: the classic mistake
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ak.attention(q, k, v, layout="bthd")  # declared: no warning
+        ak.attention(*qkv())  # typical [B, T, H, D] shapes: no warning
+        ak.attention(torch.randn(1, 1, 32, 8), torch.randn(1, 100, 8, 8), torch.randn(1, 100, 8, 8))  # decode
+    with pytest.raises(ak.AttnkitError, match="layout"):
+        ak.attention(q, k, v, layout="bshd")
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_dense_auto_keeps_a_future_nan_out_of_earlier_rows(where) -> None:
+    q, k, v = qkv(T=12)
+    want = ak.attention(q, k, v)
+    x = (k if where == "k" else v).clone()
+    x[0, 9] = float("nan")
+    got = ak.attention(q, *((x, v) if where == "k" else (k, x)))
+    assert torch.equal(got[:, :9], want[:, :9]) and torch.isnan(got[:, 9:]).any(-1).all()

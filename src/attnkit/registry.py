@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .core.contract import AttentionCall, AttnkitError, BackendError, OptionError, validate_attention
+from .core.contract import AttentionCall, AttnkitError, BackendError, OptionError, plain_scalar, validate_attention
 from .core.masks import Mask
 from .core.selection import KVSelection
 from .ops.dispatch import Backend, Check, Explanation, Runner, choose
@@ -49,7 +49,7 @@ class MethodOptions:
                    and f.default_factory is dataclasses.MISSING]
         if missing:
             raise OptionError(f"{missing[0]}: required option of method {method!r} is missing")
-        return cls(**options)  # type: ignore[call-arg]
+        return cls(**{name: plain_scalar(value) for name, value in options.items()})  # type: ignore[call-arg]
 
     def check_call(self, call: AttentionCall) -> None:
         """Validate options against the inputs; raise OptionError naming the option."""

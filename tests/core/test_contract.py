@@ -31,7 +31,6 @@ def test_valid_call_normalises_scale_and_sizes() -> None:
         (lambda q, k, v: (q, k, v[:, :5]), r"v: expected \[B, Tk, Hkv\] = \(1, 8, 2\)"),
         (lambda q, k, v: (q, k[..., :8], v), r"k: expected head dim 16 \(same as q\)"),
         (lambda q, k, v: (q[:, :, :3], k, v), r"k: expected a number of KV heads dividing Hq=3"),
-        (lambda q, k, v: (q[:, :0], k, v), r"q: expected non-empty batch and sequence dims"),
         (lambda q, k, v: (q[..., :0], k[..., :0], v), r"q: expected a positive head dim"),
     ],
 )
@@ -107,3 +106,10 @@ def test_layout_adapters_roundtrip() -> None:
         ak.to_bhtd(x[0])
     with pytest.raises(AttnkitError, match=r"x: expected 4 dims"):
         ak.from_bhtd(x[0])
+
+
+def test_empty_inputs_are_refused_unless_the_entry_point_answers_them() -> None:
+    q, k, v = qkv()
+    with pytest.raises(AttnkitError, match=r"q: expected non-empty batch and sequence dims"):
+        validate_attention(q[:, :0], k, v)  # ops that cannot answer an empty call
+    assert validate_attention(q[:, :0], k, v, allow_empty=True).empty  # attention() answers it as SDPA does

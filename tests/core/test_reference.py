@@ -194,3 +194,23 @@ def test_chunking_never_builds_a_full_score_matrix(monkeypatch) -> None:
     o.sum().backward()
     monkeypatch.undo()
     assert seen and max(seen) <= 32 * 64, f"largest product {max(seen)} > one tile (32 x 64)"
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_hidden_non_finite_keys_and_values_leave_other_rows_bitwise_unchanged(bad, where):
+    # a non-finite future key/value (causal) and one in another varlen sequence reach no other row,
+    # forward and backward; the rows that see it are non-finite
+    q, k, v = _inputs(1, 48, 48, 2, 1, 8, 8, dtype=torch.float32)
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32)
+    for kw, pos, clean_rows in ((dict(k_chunk=16), 40, slice(0, 40)), (dict(cu_seqlens=cu, k_chunk=16), 30, slice(0, 20))):
+        o0, l0 = blockwise_attention(q, k, v, causal=True, **kw)
+        g0 = _grads(o0, l0, (q, k, v))
+        kk, vv = k.detach().clone(), v.detach().clone()
+        (kk if where == "k" else vv)[0, pos] = bad
+        kk.requires_grad_(), vv.requires_grad_()
+        o1, l1 = blockwise_attention(q, kk, vv, causal=True, **kw)
+        g1 = _grads(o1, l1, (q, kk, vv))
+        assert torch.equal(o1[:, clean_rows], o0[:, clean_rows]) and torch.equal(l1[..., clean_rows], l0[..., clean_rows])
+        assert torch.equal(g1[0][:, clean_rows], g0[0][:, clean_rows]), "dq of rows that cannot see the bad key"
+        assert not torch.isfinite(o1[:, pos]).all(), "the row that sees the bad entry must show it"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attnkit.core.contract import OptionError
+from attnkit.core.contract import AttnkitError, OptionError
 from attnkit.kv import KVSession, get_policy
 from attnkit.kv.policies import ScoreInputs
 from attnkit.kv.razor_heads import head_scores, retrieval_heads
@@ -221,3 +221,19 @@ def test_ratio_budget_below_observation_window_raises():
     s = _session("snapkv", budget=0.05, obs_window=8)
     with pytest.raises(OptionError, match="budget"):
         s.prefill(0, q, k, v)
+
+
+@pytest.mark.parametrize("bad", ["q_heads", "q_dtype", "scale"])
+def test_step_validates_before_appending_so_a_retry_appends_once(bad):
+    q, k, v = _inputs()
+    s = _session("streaming", sinks=2, window=8)
+    s.prefill(0, q, k, v)
+    q1, k1, v1 = _inputs(1, 1)
+    seen = s.cache.layer(0).seen.clone()
+    wrong = {"q_heads": dict(q=q1[:, :, :3]), "q_dtype": dict(q=q1.float()), "scale": dict(scale=-1.0)}[bad]
+    args = dict(q=q1, k=k1, v=v1, scale=None) | wrong
+    with pytest.raises(AttnkitError):
+        s.step(0, args["q"], args["k"], args["v"], scale=args["scale"])
+    assert torch.equal(s.cache.layer(0).seen, seen)  # nothing appended
+    s.step(0, q1, k1, v1)
+    assert torch.equal(s.cache.layer(0).seen, seen + 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.core.contract import OptionError, validate_attention
+from attnkit.core.contract import AttnkitError, OptionError, validate_attention
 from attnkit.kv.sparse import Quest, Recycled, Routed, Santa, slot_attention
 from attnkit.registry import get_method, methods
 
@@ -133,3 +133,24 @@ def test_routed_needs_an_unevicted_cache_and_reader_options_are_checked():
     for bad in (lambda: Quest(topk=0), lambda: Recycled(stride=0), lambda: Santa(samples=-1)):
         with pytest.raises(OptionError):
             bad()
+
+
+def test_recycled_with_topk_covering_the_cache_equals_dense_between_full_steps():
+    # fewer slots than topk: the remembered list is -1 padded, and slot 0 (the sink) must stay read
+    c, _, _ = random_cache(T=10, page_size=4)
+    r = Recycled(stride=4, topk=64)
+    for step in range(4):
+        k1 = torch.randn(2, 1, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        c.append(k1, k1)
+        q = _q(20 + step)
+        assert_close64(r.attend(q, c, backend="reference"), oracle_over_kept(q, c), rtol=1e-10)
+
+
+@pytest.mark.parametrize("reader", [Quest(topk=2), Recycled(stride=2, topk=4), Santa(samples=4)], ids=lambda r: r.name)
+@pytest.mark.parametrize("shape, match", [((2, 1, 3, 8), "Hq a multiple"), ((2, 0, 4, 8), "Tq >= 1"),
+                                          ((2, 1, 4, 6), "D=8")])
+def test_readers_validate_the_query_before_reading(reader, shape, match):
+    c, _, _ = random_cache(T=12, page_size=4)
+    with pytest.raises(AttnkitError, match=match):
+        reader.attend(torch.randn(*shape, dtype=torch.float64), c)
+    assert "recycled" not in c.state  # a rejected call leaves the reader's step counter alone

@@ -173,3 +173,22 @@ def test_step_state_shape(x) -> None:
 def test_step_beta_range(x) -> None:
     with raises("beta"):
         L.kda_step(x["q"][:, :1], x["k"][:, :1], x["v"][:, :1], x["g"][:, :1], -x["beta"][:, :1] - 0.5)
+
+
+@pytest.mark.parametrize("name", ["delta_rule", "gated_delta_rule", "kda"])
+def test_delta_family_on_raw_keys_warns_that_the_state_can_diverge(name):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 64, 2, 16, generator=g) for _ in range(3))
+    beta = torch.full((1, 64, 2), 0.9)
+    gates = {"delta_rule": (), "gated_delta_rule": (torch.zeros(1, 64, 2),), "kda": (torch.zeros(1, 64, 2, 16),)}[name]
+    fn, step = getattr(L, name), getattr(L, f"{name}_step")
+    with pytest.warns(RuntimeWarning, match="use_qk_l2norm_in_kernel=True"):
+        fn(q, k, v, *gates, beta)
+    with pytest.warns(RuntimeWarning, match="use_qk_l2norm_in_kernel=True"):
+        step(q[:, :1], k[:, :1], v[:, :1], *(x[:, :1] for x in gates), beta[:, :1])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # normalised keys (or the flag) are contractive: no warning
+        fn(q, k, v, *gates, beta, use_qk_l2norm_in_kernel=True)
+        fn(q, F.normalize(k, dim=-1), v, *gates, beta)

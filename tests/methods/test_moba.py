@@ -104,3 +104,18 @@ def test_split_half_terms_carry_float32():
     back = sum(p.double() for p in parts)
     assert ((back - x.double()).abs() <= x.double().abs() * 2.0 ** -22).all()
     assert not ((parts[0].double() - x.double()).abs() <= x.double().abs() * 2.0 ** -22).all()  # one term is not enough
+
+
+def test_nan_key_in_a_future_block_changes_no_earlier_query_and_a_nan_query_stays_nan():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 64, 2, 8, generator=g) for _ in range(3))
+    o0, l0 = ak.attention(q, k, v, "moba", block_size=8, topk=2, return_lse=True)
+    kk = k.clone()
+    kk[0, 50] = float("nan")  # block 6: a future block for every query before position 48
+    o1 = ak.attention(q, kk, v, "moba", block_size=8, topk=2)
+    assert torch.equal(o1[:, :48], o0[:, :48])
+    qq = q.clone()
+    qq[0, 20, 1] = float("nan")
+    o2, l2 = ak.attention(qq, k, v, "moba", block_size=8, topk=2, return_lse=True)
+    assert torch.isnan(o2[0, 20, 1]).all() and torch.isnan(l2[0, 1, 20]), "a diverged query must show, not vanish"
+    assert torch.equal(o2[0, :20], o0[0, :20])

@@ -19,10 +19,11 @@ def is_power_of_two(x: int) -> bool:
 
 
 @settings(max_examples=20)
-@given(tq=st.integers(1, 40), extra=st.integers(0, 20), block=st.integers(1, 5), sinks=st.integers(0, 3),
+@given(tq=st.integers(1, 40), extra=st.integers(-20, 20), block=st.integers(1, 5), sinks=st.integers(0, 3),
        causal=st.booleans())
 def test_token_visibility_matches_definition(tq, extra, block, sinks, causal):
-    tk = tq + extra
+    # one alignment for every pattern: query i sits at key position i + Tk - Tq, negative when Tq > Tk
+    tk = max(1, tq + extra)
     q, k, _ = qkv(1, tq, tk, 2, 1, D=2)
     sel = power.select(q, k, block_size=block, sinks=sinks, causal=causal)
     vis = sel.to_dense_mask(2, 1, tq, tk)[0, 0]  # [Tq, Tk] blocks visible to each query (tests only)
@@ -49,3 +50,9 @@ def test_invalid_options_raise(bad, field):
     q, k, v = qkv(1, 8, 8, 2, 2)
     with pytest.raises(OptionError, match=rf"^{field}: expected"):
         ak.attention(q, k, v, method="power", **{"block_size": 4, **bad})
+
+
+def test_tq_above_tk_non_causal_uses_the_aligned_distance():
+    q, k, _ = qkv(1, 4, 1, 1, 1, D=2)
+    vis = power.select(q, k, block_size=1, causal=False).to_dense_mask(1, 1, 4, 1)[0, 0, :, 0]
+    assert vis.tolist() == [False, True, True, True]  # aligned positions -3, -2, -1, 0: distances 3, 2, 1, 0

@@ -52,7 +52,8 @@ def test_density_equals_the_window_count():
     assert 0.5 * want < causal < 1.5 * want, f"causal density {causal:.5f} far from about {want:.5f}"
 
 
-@pytest.mark.parametrize("bad, field", [({"window": 0}, "window"), ({"seed": -1}, "seed"), ({"seed": "a"}, "seed")])
+@pytest.mark.parametrize("bad, field", [({"window": 0}, "window"), ({"seed": -1}, "seed"), ({"seed": "a"}, "seed"),
+                                        ({"seed": 2**32}, "seed")])  # the hash is 32-bit: no silent repeat
 def test_invalid_options_raise(bad, field):
     q, k, v = qkv(1, 8, 8, 2, 2)
     with pytest.raises(OptionError, match=rf"^{field}: expected"):

@@ -92,8 +92,24 @@ class AttentionCall:
         return self.cu_seqlens.numel() - 1 if self.cu_seqlens is not None else self.batch
 
     @property
+    def empty(self) -> bool:
+        """No query or no key: the result is known without computing (`ops._backends.run_empty`)."""
+        return self.q.numel() == 0 or self.tk == 0
+
+    @property
     def requires_grad(self) -> bool:
         return any(t.requires_grad for t in (self.q, self.k, self.v))
+
+
+def plain_scalar(value: object) -> object:
+    """A numpy scalar or a 0-d tensor (without grad) as the Python number it holds; anything else
+    unchanged. `scale=np.float32(0.5)`, `window=np.int64(3)` and `scale=torch.tensor(0.5)` mean
+    what they say; a scale that requires grad is not a constant and is refused by the checks."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 and not value.requires_grad and value.dtype != torch.bool else value
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
@@ -138,8 +154,12 @@ def validate_attention(
     scale: Optional[float] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    allow_empty: bool = False,
 ) -> AttentionCall:
-    """Validate and normalise an attention call per DESIGN.md section 3."""
+    """Validate and normalise an attention call per DESIGN.md section 3.
+
+    `allow_empty`: accept B == 0, Tq == 0 or Tk == 0 (the entry points that answer them as SDPA
+    does: an empty output, or zeros and LSE -inf when there are no keys; `AttentionCall.empty`)."""
     q = check_tensor("q", q, 4, "[B, Tq, Hq, D]")
     k = check_tensor("k", k, 4, "[B, Tk, Hkv, D]")
     v = check_tensor("v", v, 4, "[B, Tk, Hkv, Dv]")
@@ -160,16 +180,17 @@ def validate_attention(
         raise _fail("k", f"a number of KV heads dividing Hq={Hq} (MHA, GQA or MQA)", f"Hkv={Hkv}")
     if D == 0 or v.shape[3] == 0:
         raise _fail("q", "a positive head dim", f"D={D}, Dv={v.shape[3]}")
-    if B == 0 or Tq == 0 or k.shape[1] == 0:
+    if not allow_empty and (B == 0 or Tq == 0 or k.shape[1] == 0):
         raise _fail("q", "non-empty batch and sequence dims", f"q {tuple(q.shape)}, k {tuple(k.shape)}")
     if not isinstance(causal, bool):
         raise _fail("causal", "a bool", type(causal).__name__)
     if not isinstance(return_lse, bool):
         raise _fail("return_lse", "a bool", type(return_lse).__name__)
+    scale = plain_scalar(scale)
     if scale is None:
         scale = D ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and scale < float("inf")):
-        raise _fail("scale", "a finite float > 0 (or None for D ** -0.5)", scale)
+        raise _fail("scale", "a finite float > 0 (or None for D ** -0.5)", repr(scale))
     if cu_seqlens is not None:
         if Tq != k.shape[1]:
             raise _fail("k", f"Tk == Tq == {Tq} with cu_seqlens (packed self-attention)", f"Tk={k.shape[1]}")

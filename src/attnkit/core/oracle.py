@@ -33,7 +33,8 @@ def _one(q, k, v, *, causal, scale, mask, selection, b_index, compute_dtype):
     if causal:
         vis &= kk <= qq
     if selection is not None:
-        sel = KVSelection(selection.indices[b_index : b_index + 1], selection.q_block, selection.k_block)
+        rows = -(-tq // selection.q_block)  # under varlen, rows past this sequence's end are padding
+        sel = KVSelection(selection.indices[b_index : b_index + 1, :, :rows], selection.q_block, selection.k_block)
         vis &= sel.to_dense_mask(hq, hkv, tq, tk)
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [1, Hq, Tq]

@@ -143,6 +143,21 @@ def _tile_sizes(batch: int, hq: int, tq: int, tk: int, q_chunk: Optional[int], k
     return cq, ck
 
 
+def _weighted_values(p: torch.Tensor, vc: torch.Tensor, vis: Optional[torch.Tensor]) -> torch.Tensor:
+    """`p @ vc` where a non-finite value reaches only the rows that see its key (also `dS @ K`).
+
+    `p: [.., Cq, Ck]` is 0 on hidden keys, and `0 * inf = NaN` would leak a hidden inf or NaN into
+    every row of the tile. Non-finite values are replaced by 0 in the product; the rows that see
+    one (`vis`, None = all) are set to NaN, as the plain product would make them."""
+    bad = ~torch.isfinite(vc)  # [B, Hkv, 1, Ck, Dv]
+    if not bool(bad.any()):
+        return torch.matmul(p, vc)
+    out = torch.matmul(p, vc.masked_fill(bad, 0.0))
+    seen = torch.ones_like(p) if vis is None else vis.to(p.dtype).expand_as(p)
+    reached = torch.matmul(seen, bad.to(p.dtype)) > 0  # [.., Cq, Dv]: a visible key has a non-finite value
+    return out.masked_fill(reached, float("nan"))
+
+
 def _forward(q, k, v, scale: float, g: _Geometry, cq: int, ck: int):
     """q: [B, Hkv, G, Tq, D], k: [B, Hkv, 1, Tk, D], v: [B, Hkv, 1, Tk, Dv] -> out (compute dtype), lse."""
     B, Hkv, G, Tq, _ = q.shape
@@ -170,7 +185,7 @@ def _forward(q, k, v, scale: float, g: _Geometry, cq: int, ck: int):
             p = torch.exp(s.sub_(m_safe.unsqueeze(-1)))
             alpha = torch.exp(m - m_safe)
             l = l * alpha + p.sum(-1)
-            acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, v[..., ks, :].to(cd))
+            acc = acc * alpha.unsqueeze(-1) + _weighted_values(p, v[..., ks, :].to(cd), vis)
             m = m_new
         empty = l == 0
         out[..., qs, :] = torch.where(empty.unsqueeze(-1), torch.zeros_like(acc), acc / torch.where(empty, 1, l).unsqueeze(-1))
@@ -210,8 +225,11 @@ def _backward(q, k, v, out, lse, dout, dlse, scale: float, g: _Geometry, cq: int
                 s.masked_fill_(~vis, float("-inf"))
             p = torch.exp(s.sub_(lse_safe))  # [B, Hkv, G, Cq, Ck]
             dv[..., ks, :] += torch.matmul(p.transpose(-1, -2), doc).sum(2, keepdim=True)
-            ds = p.mul_(torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta))
-            dq_c += torch.matmul(ds, kc)
+            dp = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta)
+            if vis is not None:  # a hidden non-finite value must not reach dS through p = 0
+                dp = dp.masked_fill_(~vis, 0.0)
+            ds = p.mul_(dp)
+            dq_c += _weighted_values(ds, kc, vis)  # ds is 0 on hidden keys, which may be non-finite
             dk[..., ks, :] += torch.matmul(ds.transpose(-1, -2), qc).sum(2, keepdim=True)
         dq[..., qs, :] = dq_c * scale
     return dq, dk * scale, dv

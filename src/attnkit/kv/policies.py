@@ -313,7 +313,8 @@ class Razor(EvictionPolicy):
         if self.window is not None:
             local = torch.full_like(n, self.sinks + self.window)
         else:
-            local = super().targets(inp, n) - comp
+            full = super().targets(inp, n)
+            local = torch.where(full >= n, n, full - comp)  # the compensation token replaces dropped ones only
             if bool(((local <= self.sinks) & (n > local + comp)).any()):
                 raise OptionError(f"budget: {self.budget} leaves no room for a window after sinks={self.sinks} "
                                   f"and the compensation token")

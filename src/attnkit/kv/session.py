@@ -61,8 +61,10 @@ class KVSession:
 
     def step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              scale: Optional[float] = None) -> torch.Tensor:
-        """One decode step of `Tq` (1 to a few) new tokens: append, evict, attend. `[B, Tq, Hq, Dv]`."""
-        self.cache.append(layer, k, v)
+        """One decode step of `Tq` (1 to a few) new tokens: append, evict, attend. `[B, Tq, Hq, Dv]`.
+        Everything is validated before the cache changes, so a rejected call can be retried."""
+        validate_attention(q, k, v, causal=True, scale=scale)
+        self.cache.append(layer, k, v)  # checks k, v against the cache before writing
         return self.attend(layer, q, scale)
 
     def attend(self, layer: int, q: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:

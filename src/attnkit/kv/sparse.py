@@ -24,7 +24,7 @@ from ..core.checks import check_int
 from ..core.contract import AttnkitError, OptionError, validate_attention
 from ..core.selection import KVSelection
 from ..kernels import device_ok
-from ..ops.decode import decode_attention, slot_visibility
+from ..ops.decode import check_decode, decode_attention, slot_visibility
 from ..registry import get_method, parse_options
 from .paged import PagedLayerCache
 
@@ -51,7 +51,7 @@ class Reader:
 
     def attend(self, q: torch.Tensor, cache: PagedLayerCache, *, scale: Optional[float] = None,
                backend: str = "auto") -> torch.Tensor:
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        scale = check_decode(q, cache, None, scale)  # before select: a reader may keep state
         return decode_attention(q, cache, self.select(q, cache, scale), scale=scale, backend=backend)
 
 
@@ -101,6 +101,7 @@ class Quest(Reader):
         return bound.masked_fill(empty, float("-inf"))
 
     def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> KVSelection:
+        check_decode(q, cache, None, scale)
         s = self.page_scores(q, cache, force_newest=True)
         k = min(self.topk, s.shape[-1])
         val, idx = s.topk(k, dim=-1)
@@ -140,6 +141,7 @@ class Recycled(Reader):
         check_int("topk", self.topk, 1)
 
     def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> Optional[KVSelection]:
+        check_decode(q, cache, None, scale)  # before the step counter moves
         st = cache.state.setdefault("recycled", {"step": 0})
         step = st["step"]
         st["step"] = step + 1
@@ -154,10 +156,10 @@ class Recycled(Reader):
         lg = cache.logical()
         new = lg["valid"] & (lg["pos"] >= st["since"].view(-1, 1, 1))  # [B, Hkv, L]
         L = new.shape[-1]
-        chosen = torch.zeros_like(new)
-        old = st["slots"]
-        chosen.scatter_(-1, old.clamp_min(0), old >= 0)
-        chosen &= lg["valid"]  # a recycled slot may have been evicted and reused: keep only live ones
+        old = st["slots"]  # [B, Hkv, topk], -1 padded: padding goes to a spare column L, then dropped
+        chosen = torch.zeros(*new.shape[:-1], L + 1, dtype=torch.bool, device=new.device)
+        chosen.scatter_(-1, torch.where(old >= 0, old, L), True)
+        chosen = chosen[..., :L] & lg["valid"]  # a recycled slot may have been evicted and reused: keep only live ones
         chosen |= new
         width = max(int(chosen.sum(-1).max()), 1)
         ids = torch.arange(L, device=new.device).expand_as(new)
@@ -200,7 +202,7 @@ class Santa(Reader):
     def attend(self, q: torch.Tensor, cache: PagedLayerCache, *, scale: Optional[float] = None,
                backend: str = "auto") -> torch.Tensor:
         """`out [B, Tq, Hq, Dv]`: mean of the values of the sampled keys (0 where nothing is visible)."""
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        scale = check_decode(q, cache, None, scale)
         lg = cache.logical()
         B, Tq, Hq, D = q.shape
         H = cache.num_heads

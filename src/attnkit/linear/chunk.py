@@ -397,6 +397,7 @@ def chunk_forward(
     chunk_size: int,
     *,
     group_size: Optional[int] = None,
+    engine: Optional[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated linear attention (`beta is None`) or gated delta rule (`beta` given).
 
@@ -404,8 +405,54 @@ def chunk_forward(
     beta: None or [B, T, H]; initial_state: None or [B, H, K, V].
     Returns o: [B, T, H, V] in q's dtype and the final state [B, H, K, V] in float32
     (float64 for float64 inputs). Inputs are assumed validated. `group_size` (chunks per group
-    of the state pass) is chosen near sqrt(#chunks) when None; tests set it.
+    of the state pass) is chosen near sqrt(#chunks) when None; tests set it. `engine` replaces
+    the eager engine (`engine_for`'s compiled one).
+
+    Non-finite inputs stay where the recurrence puts them. The chunked form mixes every token of
+    a chunk or group through matmuls whose weights are exactly 0 for the future, and `0 * NaN`
+    is NaN, so a non-finite token would reach earlier rows. When some input is not finite (one
+    check per call), the engine runs on inputs with those entries replaced by 0 and the rows
+    they reach are set to NaN with `torch.where`: a non-finite k, v, g or beta at t reaches the
+    rows t' >= t of its (batch, head) and the final state, a non-finite q only its own row, a
+    non-finite initial state everything of its (batch, head). Rows before are bitwise those of
+    any finite value in its place (the zero weights make them independent of it).
     """
+    run = engine or _chunk_engine
+    present = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
+    if q.shape[1] == 0 or bool(torch.stack([torch.isfinite(x).all() for x in present]).all()):
+        return run(q, k, v, g, beta, scale, initial_state, chunk_size, group_size=group_size)
+
+    def rows(x: Optional[torch.Tensor]) -> torch.Tensor:  # [B, T, H]: a non-finite entry at (b, t, h)
+        if x is None:
+            return torch.zeros(q.shape[:3], dtype=torch.bool, device=q.device)
+        bad = ~torch.isfinite(x)
+        return bad.flatten(3).any(-1) if bad.dim() > 3 else bad
+
+    def clean(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    reached = (rows(k) | rows(v) | rows(g) | rows(beta)).cumsum(1) > 0  # [B, T, H]: at or after a bad token
+    if initial_state is not None:
+        reached = reached | (~torch.isfinite(initial_state)).flatten(2).any(-1)[:, None, :]
+    o, S = run(clean(q), clean(k), clean(v), clean(g), clean(beta), scale, clean(initial_state), chunk_size,
+               group_size=group_size)
+    o = o.masked_fill((reached | rows(q))[..., None], float("nan"))
+    return o, S.masked_fill(reached[:, -1, :, None, None], float("nan"))
+
+
+def _chunk_engine(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor],
+    scale: float,
+    initial_state: Optional[torch.Tensor],
+    chunk_size: int,
+    *,
+    group_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunk_forward` on finite inputs (the engine of the module docstring)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = compute_dtype(q)
@@ -490,12 +537,12 @@ def _with_fallback(backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tens
                       f"{str(e)[:200]}); using the eager chunked form", RuntimeWarning, stacklevel=3)
 
     try:
-        compiled = torch.compile(chunk_forward, dynamic=False, backend=backend)
+        compiled = torch.compile(_chunk_engine, dynamic=False, backend=backend)
     except Exception as e:  # an unknown backend, a missing compiler
         fail(e)
         return chunk_forward
 
-    def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def engine(*args, **kwargs):  # type: ignore[no-untyped-def]
         if backend not in _compile_failed:
             try:
                 return compiled(*args, **kwargs)
@@ -503,6 +550,9 @@ def _with_fallback(backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tens
                 raise
             except Exception as e:  # compile-time failures surface at the first call
                 fail(e)
-        return chunk_forward(*args, **kwargs)
+        return _chunk_engine(*args, **kwargs)
+
+    def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return chunk_forward(*args, engine=engine, **kwargs)  # non-finite containment stays eager
 
     return run

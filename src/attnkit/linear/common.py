@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..core.contract import AttnkitError, check_cu_seqlens
+from ..core.contract import AttnkitError, check_cu_seqlens, plain_scalar
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "fla", "chunk", "reference")
@@ -116,10 +116,11 @@ def check_state(name: str, s: object, shape: Sequence[int], ref: torch.Tensor) -
 
 
 def resolve_scale(scale: object, K: int) -> float:
+    scale = plain_scalar(scale)
     if scale is None:
         return K ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < math.inf):
-        raise fail("scale", "a finite float > 0 (or None for K ** -0.5)", scale)
+        raise fail("scale", "a finite float > 0 (or None for K ** -0.5)", repr(scale))
     return float(scale)
 
 

@@ -19,12 +19,25 @@ q and k first, as fla does. The chunked form uses the WY / UT representation (se
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 
 from .common import check_beta, check_flag, check_gate, check_qkv, l2norm
 from .dispatch import as_token, check_common, check_step, run_forms, step_forms
+
+def warn_if_expanding(k: torch.Tensor, beta: torch.Tensor) -> None:
+    """Warn when a delta step can expand the state: `I - beta_t k_t k_t^T` has the eigenvalue
+    `1 - beta_t ||k_t||^2`, below -1 once `beta ||k||^2 > 2`, and repeated such steps overflow to
+    inf, then NaN. Raw (unnormalised) keys do that; fla, whose default is the same, returns the NaN
+    silently. Not an error: a short sequence or a later decay can stay finite."""
+    worst = float((beta.detach().double() * k.detach().double().square().sum(-1)).amax()) if k.numel() else 0.0
+    if worst > 2.0:
+        warnings.warn(f"k: beta * ||k||^2 reaches {worst:.3g} > 2, so the delta rule's state can grow without "
+                      "bound and the output overflow to inf/NaN; pass use_qk_l2norm_in_kernel=True or "
+                      "L2-normalise k", RuntimeWarning, stacklevel=3)
+
 
 def _delta(
     q: torch.Tensor,
@@ -66,6 +79,8 @@ def _delta(
 
         return chunk_kda(q, k, v, g, beta, **common)
 
+    if not use_qk_l2norm_in_kernel:
+        warn_if_expanding(k, beta)
     qn, kn = (l2norm(q), l2norm(k)) if use_qk_l2norm_in_kernel else (q, k)
     return run_forms(qn, kn, v, g, beta, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
@@ -83,6 +98,8 @@ def _delta_step(q, k, v, g, beta, gate, state, scale, use_qk_l2norm_in_kernel): 
     beta = check_beta(as_token("beta", beta, B, "[B, 1, H]", 2), (B, H), q)
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
+    else:
+        warn_if_expanding(k, beta)
     return step_forms(q, k, v, g, beta, state, scale, had_t)
 
 

@@ -113,11 +113,9 @@ def policy(call: AttentionCall, opts: MobaOptions) -> KVSelection:
             if view.causal:
                 cand = cand & (f <= p)
             own = (p // bs) == torch.arange(cols.start, cols.stop, device=p.device).view(1, -1)
-            # one pass over the tile: -inf for non-candidates, +inf for the own block (forced)
-            bias = torch.zeros((N, 1, 1, R, s.shape[-1]), dtype=s.dtype, device=s.device)
-            bias = bias.masked_fill_(~cand, float("-inf"))
-            bias = bias.masked_fill_(own, float("inf"))
-            s = s.view(N, Hkv, G, R, -1).add_(bias)
+            # -inf for non-candidates, +inf for the own block (forced), written over the score: a
+            # non-finite gate (a NaN key in a future block) must not survive its mask
+            s = s.view(N, Hkv, G, R, -1).masked_fill_(~cand, float("-inf")).masked_fill_(own, float("inf"))
             return s.reshape(N, Hq, R, s.shape[-1])
 
         def col_stop(rows: slice) -> int:

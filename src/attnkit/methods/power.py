@@ -44,7 +44,10 @@ def policy(call: AttentionCall, opts: PowerOptions) -> KVSelection:
     q_block = bs if view.offset % bs == 0 else 1
     rows = cdiv(view.tq, q_block)
     own = (torch.arange(rows, device=dev) * q_block + view.offset) // bs  # key block of each row [rows]
-    steps = 1 << torch.arange(max(1, nk.bit_length()), device=dev)  # 1, 2, 4, ... (covers nk - 1)
+    # 1, 2, 4, ... up to the longest distance: nk - 1, or more when Tq > Tk puts the first query
+    # blocks before key 0 (aligned positions are negative there)
+    reach = nk - 1 - min(0, view.offset // bs)
+    steps = 1 << torch.arange(max(1, reach.bit_length()), device=dev)
     offsets = -steps if call.causal else torch.cat([-steps, steps])
     ids = torch.cat([own.view(-1, 1), own.view(-1, 1) + offsets.view(1, -1)], -1)  # [rows, P]
     k_blocks = ((view.k_len + bs - 1) // bs).view(-1, 1, 1)  # [N, 1, 1]

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from ..core.checks import check_int
-from ..core.contract import AttentionCall
+from ..core.contract import AttentionCall, OptionError
 from ..core.selection import KVSelection
 from ..registry import MethodOptions, register_selection
 from .router import compact_rows, seq_view
@@ -70,6 +70,8 @@ class StochasticOptions(MethodOptions):
     def __post_init__(self) -> None:
         check_int("window", self.window, 1)
         check_int("seed", self.seed, 0)
+        if self.seed > _MASK32:  # the hash is 32-bit: a larger seed would repeat a smaller one's permutation
+            raise OptionError(f"seed: expected an int in [0, 2**32), got {self.seed!r}")
 
 
 def policy(call: AttentionCall, opts: StochasticOptions) -> KVSelection:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
-from ..core.contract import AttnkitError, check_tensor
+from ..core.contract import AttnkitError, check_tensor, plain_scalar
 from ..core.selection import KVSelection
 from .dispatch import Backend, Explanation, pick
 
@@ -32,7 +32,8 @@ BACKENDS = ("triton", "sdpa", "reference")
 CACHE_API = ("batch", "head_dim", "num_heads", "page_size", "capacity", "seen", "device", "dtype", "logical")
 
 
-def _check(q: object, cache: Any, selection: Optional[KVSelection], scale: Optional[float]) -> float:
+def check_decode(q: object, cache: Any, selection: Optional[KVSelection], scale: Optional[float]) -> float:
+    """Validate a decode call (query against the cache, selection, scale); returns the scale."""
     q = check_tensor("q", q, 4, "[B, Tq, Hq, D]")
     if isinstance(cache, type) or not all(hasattr(cache, name) for name in CACHE_API):
         raise AttnkitError(f"cache: expected an attnkit.kv.PagedLayerCache, got {type(cache).__name__}")
@@ -47,6 +48,7 @@ def _check(q: object, cache: Any, selection: Optional[KVSelection], scale: Optio
         if not isinstance(selection, KVSelection):
             raise AttnkitError(f"selection: expected an attnkit KVSelection or None, got {type(selection).__name__}")
         selection.validate(B, Hq, cache.num_heads, Tq, cache.capacity)
+    scale = plain_scalar(scale)
     if scale is None:
         return D ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
@@ -191,7 +193,7 @@ def decode_attention(q: torch.Tensor, cache: Any, selection: Optional[KVSelectio
 def plan(q: torch.Tensor, cache: Any, selection: Optional[KVSelection] = None, *, scale: Optional[float] = None,
          causal: bool = True, return_lse: bool = False, backend: str = "auto") -> tuple[Backend, Explanation, DecodeCall]:
     """Validate a `decode_attention` call and pick its backend (`attnkit.ops.explain` shows the decision)."""
-    scale = _check(q, cache, selection, scale)
+    scale = check_decode(q, cache, selection, scale)
     if not isinstance(causal, bool):
         raise AttnkitError(f"causal: expected a bool, got {causal!r}")
     call = DecodeCall(q, cache, selection, scale, causal, return_lse)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 
 from ..core.contract import AttentionCall, validate_attention
-from ._backends import run_reference, run_sdpa, sdpa_why_not
+from ._backends import run_empty, run_reference, run_sdpa, sdpa_why_not
 from .dispatch import Backend, Explanation, pick
 
 DECLARED = (
@@ -37,6 +37,8 @@ def dense_attention(
     """
     chosen, _, call = plan(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse,
                            backend=backend)
+    if call.empty:  # no query or no key, as SDPA: an empty output, or zeros (LSE -inf)
+        return run_empty(call)
     return chosen.run(call, None)
 
 
@@ -44,6 +46,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = Tr
          cu_seqlens: Optional[torch.Tensor] = None, return_lse: bool = False,
          backend: str = "auto") -> tuple[Backend, Explanation, AttentionCall]:
     """Validate a `dense_attention` call and pick its backend (`attnkit.explain` shows the decision)."""
-    call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
+    call = validate_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse,
+                              allow_empty=True)
     chosen, exp = pick("ops.dense_attention", DECLARED, call, None, backend)
     return chosen, exp, call
