@@ -66,12 +66,14 @@ def run_sdpa(call: AttentionCall) -> Any:
     k, v, reached = call.k, call.v, None
     if is_causal:
         # SDPA weights masked keys by 0, and 0 * NaN would reach rows that cannot see a bad key: run
-        # it on zero-filled keys/values and set the rows at or after a bad key (Tq == Tk here) to NaN
-        bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [B, T, Hkv]
-        if bool(bad.any()):
-            reached = (bad.cumsum(1) > 0).repeat_interleave(call.hq // call.hkv, 2).unsqueeze(-1)  # [B, T, Hq, 1]
-            zero = torch.zeros((), dtype=k.dtype, device=k.device)
-            k, v = torch.where(torch.isfinite(k), k, zero), torch.where(torch.isfinite(v), v, zero)
+        # it on zero-filled keys/values and set the rows at or after a bad key (Tq == Tk here) to NaN.
+        # Unconditional, so the call never waits on the device (CUDA graphs, torch.compile): it costs
+        # one extra read and write of K and V, small next to the attention itself.
+        fin_k, fin_v = torch.isfinite(k), torch.isfinite(v)
+        bad = ~(fin_k.all(-1) & fin_v.all(-1))  # [B, T, Hkv]
+        reached = (bad.cumsum(1) > 0).repeat_interleave(call.hq // call.hkv, 2).unsqueeze(-1)  # [B, T, Hq, 1]
+        zero = torch.zeros((), dtype=k.dtype, device=k.device)
+        k, v = torch.where(fin_k, k, zero), torch.where(fin_v, v, zero)
     out = F.scaled_dot_product_attention(
         call.q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         is_causal=is_causal, scale=call.scale, enable_gqa=call.hq != call.hkv,
