@@ -16,6 +16,7 @@ from attnkit.registry import get_method
 from tests.conftest import assert_close_rule
 
 SELECTION_METHODS = [s.name for s in ak.registry.methods() if s.executor == "selection"]
+PREFILL_BLOCK_METHODS = ["vertical_slash", "xattention", "flexprefill", "hip"]
 
 
 def _inputs(T, Hq, Hkv, D, dtype, device, seed=0):
@@ -26,15 +27,19 @@ def _inputs(T, Hq, Hkv, D, dtype, device, seed=0):
 
 def _check(method: str, backend: str, device: str, T: int, Hq: int, Hkv: int, D: int, dtype=torch.bfloat16) -> None:
     q, k, v = _inputs(T, Hq, Hkv, D, dtype, device)
-    call = validate_attention(q, k, v, causal=True)
+    with_lse = method in PREFILL_BLOCK_METHODS
+    call = validate_attention(q, k, v, causal=True, return_lse=with_lse)
     spec = get_method(method)
     opts_kw = spec.example(call)
     opts = spec.options.parse(method, opts_kw)
-    out = spec.backend(backend).run(call, opts)
+    res = spec.backend(backend).run(call, opts)
+    out, lse = res if with_lse else (res, None)
     sel = spec.select(call, opts)
-    ref, _ = naive_attention(q, k, v, causal=True, selection=sel)
-    base, _ = naive_attention(q, k, v, causal=True, selection=sel, compute_dtype=None)
+    ref, ref_lse = naive_attention(q, k, v, causal=True, selection=sel)
+    base, base_lse = naive_attention(q, k, v, causal=True, selection=sel, compute_dtype=None)
     assert_close_rule(out, ref, base, f"{method}/{backend} out")
+    if with_lse:
+        assert_close_rule(lse, ref_lse, base_lse.float(), f"{method}/{backend} lse")
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     grads = [torch.autograd.grad((x.float() * do.float()).sum(), (q, k, v)) for x in (out, ref, base)]
     for name, a, r, b in zip("qkv", *grads):
@@ -59,6 +64,40 @@ def test_flex_backends_gpu(method, gpu) -> None:
     ref = ak.attention(q.double(), k.double(), v.double(), method=method, backend="reference", **opts)
     base = ak.attention(q.float(), k.float(), v.float(), method=method, backend="reference", **opts).to(torch.bfloat16)
     assert_close_rule(out, ref, base, f"{method}/flex out", factor=4.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", PREFILL_BLOCK_METHODS)
+def test_flex_backend_of_prefill_methods_gpu(method, gpu) -> None:
+    """The flex backend at blocks of 128 against the float64 oracle given the same selection."""
+    q, k, v = _inputs(4096, 16, 4, 128, torch.bfloat16, "cuda")
+    call = validate_attention(q, k, v, return_lse=True)
+    spec = get_method(method)
+    opts = spec.options.parse(method, {**spec.example(call), "block_size": 128})
+    sel = spec.select(call, opts)
+    out, lse = spec.backend("flex").run(call, opts)
+    ref, ref_lse = naive_attention(q, k, v, causal=True, selection=sel)
+    base, base_lse = naive_attention(q, k, v, causal=True, selection=sel, compute_dtype=None)
+    assert_close_rule(out, ref, base, f"{method}/flex out")
+    assert_close_rule(lse, ref_lse, base_lse.float(), f"{method}/flex lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", PREFILL_BLOCK_METHODS)
+def test_prefill_selection_makes_no_host_sync_gpu(method, gpu) -> None:
+    """The estimation and selection of the block prefill methods stay on the device (no host sync)."""
+    q, k, v = _inputs(4096, 16, 4, 128, torch.bfloat16, "cuda")
+    call = validate_attention(q, k, v)
+    spec = get_method(method)
+    opts = spec.options.parse(method, spec.example(call))
+    policy = spec.select
+    policy(call, opts)  # first call: one-time probes (bmm out_dtype) may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        policy(call, opts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu

@@ -77,9 +77,13 @@ def _fixed_options(name: str, spec, hkv: int) -> dict:
 #   row of a longer sequence.
 # - "run": `block_topk` pools each query block's queries to score key blocks (a prefill method); a
 #   one-token decode step pools only itself, which is a different (valid) selection.
+# - "estimate": the training-free prefill methods (vertical_slash, xattention, flexprefill, hip,
+#   token_sparse) estimate their selection from the prompt's last queries, so a shorter prompt selects
+#   differently; a one-token step attends densely to the cache.
 # MoBA, NSA, DSA, power and the static patterns select for query i from keys <= i with block
 # summaries of complete blocks only (the own block is always kept), so decode is exact.
-DECODE = {"stochastic": "prefix", "block_topk": "run"}
+DECODE = {"stochastic": "prefix", "block_topk": "run", **{m: "estimate" for m in (
+    "vertical_slash", "xattention", "flexprefill", "hip", "token_sparse")}}
 SOFTMAX = sorted(s.name for s in methods() if s.family != "linear")
 
 
@@ -121,7 +125,8 @@ def test_every_method_forward_backward_and_decode(name: str) -> None:
                 assert_close64(dec[:, t], layer(x[:, : t + 1])[:, -1], f"{name}: decode step {t} vs prefix forward")
         else:
             assert bool(torch.isfinite(dec).all())
-            assert_close64(dec[:, :prefill], y[:, :prefill], f"{name}: prefill part")
+            if mode == "run":
+                assert_close64(dec[:, :prefill], y[:, :prefill], f"{name}: prefill part")
 
 
 def test_chunked_prefill_equals_full() -> None:
