@@ -49,6 +49,18 @@ def options(method: str, B: int, Tq: int, Tk: int, dtype: torch.dtype, block_siz
         return {"window": max(1, block_size), "seed": 3, **extra}
     if method == "dsa":
         return {"topk": max(1, topk * block_size), **indexer_inputs(B, Tq, Tk, dtype=dtype), **extra}
+    # the training-free prefill methods: budgets that reach everything when topk blocks cover the keys
+    covers = topk * block_size >= Tk
+    if method == "vertical_slash":
+        n = max(1, topk * block_size)
+        return {"block_size": block_size, "n_vertical": n, "n_slash": n, "n_last": max(1, 2 * block_size), "sinks": 1,
+                "window": 1, **extra}
+    if method == "xattention":
+        return {"block_size": block_size, "stride": 1, "threshold": 1.0 if covers else 0.8, **extra}
+    if method == "flexprefill":
+        return {"block_size": block_size, "gamma": 1.0 if covers else 0.8, "tau": 0.1, **extra}
+    if method == "hip":
+        return {"block_size": block_size, "topk": topk, "sinks": 1, "local": 1, **extra}
     # a method without hand-picked edge-case options: its own example for these shapes
     q = torch.zeros(B, Tq, 1, 8, dtype=dtype)
     k = torch.zeros(B, Tk, 1, 8, dtype=dtype)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from attnkit.core.contract import validate_attention
 from attnkit.methods._prefill_estimate import coverage_keep, slash_sums, vertical_slash_rows
-from attnkit.methods._routing import seq_view
+from attnkit.methods.router import seq_view
 
 from ._cases import rows_as_sets
 

@@ -16,6 +16,15 @@ from ..conftest import assert_close64
 from ._cases import SELECTION_METHODS, compare, cu, dense_causal_equal, options, qkv, rows_as_sets, select, selection_oracle
 
 
+def _refuses_non_causal(method, causal, q, k, v, opts) -> bool:
+    """A causal-only method (the training-free prefill methods) must refuse causal=False by name."""
+    if causal or ak.registry.get_method(method).capabilities.non_causal:
+        return False
+    with pytest.raises(ak.AttnkitError, match="^causal: method .* is causal only"):
+        ak.attention(q, k, v, method=method, causal=False, **opts)
+    return True
+
+
 def _attention(method, opts, causal, cu_seqlens=None):
     def fn(q, k, v):
         return ak.attention(q, k, v, method=method, causal=causal, cu_seqlens=cu_seqlens, return_lse=True, **opts)
@@ -31,6 +40,8 @@ def test_equals_oracle_with_same_selection(method, dtype, causal):
     B, T, Hq, Hkv = 2, 37, 4, 2
     q, k, v = qkv(B, T, T, Hq, Hkv, dtype=dtype)
     opts = options(method, B, T, T, dtype, block_size=8, topk=2)
+    if _refuses_non_causal(method, causal, q, k, v, opts):
+        return
     sel = select(method, q, k, opts, causal=causal)
     compare(_attention(method, opts, causal), selection_oracle(sel, causal), {"q": q, "k": k, "v": v},
             with_lse=True, label=f"{method} {dtype} causal={causal}")
@@ -99,6 +110,8 @@ def test_varlen_equals_per_sequence_runs(method, causal):
     T = sum(lengths)
     q, k, v = qkv(1, T, T, 4, 2, dtype=torch.float64)
     opts = options(method, 1, T, T, torch.float64, block_size=4, topk=2)
+    if _refuses_non_causal(method, causal, q, k, v, opts):
+        return
     if method == "dsa":  # per-sequence slices of the indexer inputs
         ind = {n: opts.pop(n) for n in ("q_idx", "k_idx", "w")}
     packed = ak.attention(q, k, v, method=method, causal=causal, cu_seqlens=cs, return_lse=True,
@@ -137,6 +150,8 @@ def test_property_forward_equals_oracle(method, tq, extra_k, hkv, group, block, 
     tk = tq + extra_k
     q, k, v = qkv(1, tq, tk, hkv * group, hkv, D=4, dtype=torch.float64, seed=tq * 31 + tk)
     opts = options(method, 1, tq, tk, torch.float64, block_size=block, topk=topk)
+    if _refuses_non_causal(method, causal, q, k, v, opts):
+        return
     sel = select(method, q, k, opts, causal=causal)
     idx = sel.indices
     valid = idx[idx >= 0]

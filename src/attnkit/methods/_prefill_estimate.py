@@ -24,7 +24,8 @@ import torch
 
 from ..core.selection import KVSelection, cdiv
 from ..core.topk import tile_budget
-from ._routing import SeqView, bmm_f32
+from .gemm import bmm_f32
+from .router import SeqView
 
 _BIG = 1 << 40
 
@@ -45,11 +46,12 @@ def block_span(view: SeqView, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dense_selection(view: SeqView, block: int) -> KVSelection:
-    """Every key block for every query block (the causal rule still applies token by token): the
-    selection of a decode step, which these prefill methods serve with dense attention."""
-    nq, nk = cdiv(view.tq, block), cdiv(view.tk, block)
+    """Every key block for every query block and head (the causal rule still applies token by token):
+    the selection of a decode step, which these prefill methods serve with dense attention."""
+    N, Tq, Hq, _ = view.q.shape
+    nq, nk = cdiv(Tq, block), cdiv(view.tk, block)
     idx = torch.arange(nk, device=view.q.device, dtype=torch.int32).view(1, 1, 1, nk)
-    return KVSelection(idx.expand(view.q.shape[0], 1, nq, nk).contiguous(), q_block=block, k_block=block)
+    return KVSelection(idx.expand(N, Hq, nq, nk).contiguous(), q_block=block, k_block=block)
 
 
 def last_query_probs(view: SeqView, n_last: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,10 +26,11 @@ import torch
 
 from ..core.contract import AttentionCall, OptionError, validate_attention
 from ..core.selection import KVSelection, cdiv
-from ..registry import Capabilities, MethodOptions
+from ..core.checks import check_int
+from ..registry import Capabilities, MethodOptions, register_selection
 from ._prefill_estimate import (bitmap_rows, block_span, block_candidates, coverage_keep, dense_selection,
                                 last_query_probs, query_lengths, row_chunks, slash_sums, vertical_slash_table)
-from ._routing import SeqView, block_mean, check_int, register_selection, seq_view
+from .router import SeqView, block_mean, seq_view
 
 
 def _check_fraction(name: str, value: object) -> None:
@@ -143,12 +144,12 @@ def _example(call: AttentionCall) -> dict[str, Any]:
 
 
 SPEC = register_selection(
-    name="flexprefill",
+    "flexprefill",
+    FlexPrefillOptions,
+    policy,
     family="prefill",
     paper="FlexPrefill (Lai et al., 2025)",
     summary="per head, query-aware blocks or vertical-slash lines (chosen by JS divergence), kept up to a cumulative gamma",
-    options=FlexPrefillOptions,
-    select=policy,
     example=_example,
     capabilities=Capabilities(non_causal=False),
     flex_block=lambda opts: opts.block_size,

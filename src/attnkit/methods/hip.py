@@ -29,9 +29,11 @@ import torch
 
 from ..core.contract import AttentionCall, validate_attention
 from ..core.selection import KVSelection, cdiv
-from ..registry import MethodOptions
+from ..core.checks import check_int
+from ..registry import MethodOptions, register_selection
 from ._prefill_estimate import bitmap_rows, block_span, dense_selection, query_lengths, row_chunks
-from ._routing import SeqView, check_int, compute_dtype, register_selection, seq_view
+from .gemm import compute_dtype
+from .router import SeqView, seq_view
 
 
 @dataclass(frozen=True)
@@ -151,12 +153,12 @@ def _example(call: AttentionCall) -> dict[str, Any]:
 
 
 SPEC = register_selection(
-    name="hip",
+    "hip",
+    HipOptions,
+    policy,
     family="prefill",
     paper="HiP Attention (Lee et al., 2024)",
     summary="per query block, top-k key blocks found by halving ranges scored by their middle key",
-    options=HipOptions,
-    select=policy,
     example=_example,
     flex_block=lambda opts: opts.block_size,
 )

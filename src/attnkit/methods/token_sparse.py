@@ -32,9 +32,10 @@ from ..core.contract import AttentionCall, AttnkitError, OptionError, validate_a
 from ..core.masks import Mask
 from ..core.selection import KVSelection
 from ..ops.dense import dense_attention
+from ..core.checks import check_int
 from ..registry import Backend, Capabilities, MethodOptions, MethodSpec, register
 from ._prefill_estimate import bitmap_rows, coverage_keep, last_query_probs
-from ._routing import Packing, check_int, seq_view
+from .router import Packing, seq_view
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ import torch
 
 from ..core.contract import AttentionCall, OptionError, validate_attention
 from ..core.selection import KVSelection, cdiv
-from ..registry import Capabilities, MethodOptions
+from ..core.checks import check_int
+from ..registry import Capabilities, MethodOptions, register_selection
 from ._prefill_estimate import dense_selection, last_query_probs, slash_sums, vertical_slash_rows
-from ._routing import check_int, register_selection, seq_view
+from .router import seq_view
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,12 @@ def _example(call: AttentionCall) -> dict[str, Any]:
 
 
 SPEC = register_selection(
-    name="vertical_slash",
+    "vertical_slash",
+    VerticalSlashOptions,
+    policy,
     family="prefill",
     paper="MInference (Jiang et al., 2024)",
     summary="top key columns and diagonals from the last queries' attention, run as the key blocks they touch",
-    options=VerticalSlashOptions,
-    select=policy,
     example=_example,
     capabilities=Capabilities(non_causal=False),
     flex_block=lambda opts: opts.block_size,

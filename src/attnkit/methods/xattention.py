@@ -25,9 +25,11 @@ import torch
 
 from ..core.contract import AttentionCall, OptionError, validate_attention
 from ..core.selection import KVSelection, cdiv
-from ..registry import MethodOptions
+from ..core.checks import check_int
+from ..registry import MethodOptions, register_selection
 from ._prefill_estimate import bitmap_rows, block_candidates, block_span, coverage_keep, dense_selection, query_lengths, row_chunks
-from ._routing import SeqView, bmm_f32, check_int, register_selection, seq_view
+from .gemm import bmm_f32
+from .router import SeqView, seq_view
 
 
 @dataclass(frozen=True)
@@ -137,12 +139,12 @@ def _example(call: AttentionCall) -> dict[str, Any]:
 
 
 SPEC = register_selection(
-    name="xattention",
+    "xattention",
+    XAttentionOptions,
+    policy,
     family="prefill",
     paper="XAttention (Xu et al., 2025)",
     summary="block scores from strided antidiagonal sums; per query block, the fewest key blocks reaching a score threshold",
-    options=XAttentionOptions,
-    select=policy,
     example=_example,
     flex_block=lambda opts: opts.block_size,
 )
