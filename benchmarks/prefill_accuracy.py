@@ -59,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import attnkit as ak
     from attnkit.bench.workloads import Shape, real_workload, structured_workload
     from attnkit.core.contract import validate_attention
-    from attnkit.methods.inspect import density
+    from attnkit.methods.selection_stats import density
 
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
