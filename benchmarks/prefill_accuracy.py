@@ -34,7 +34,7 @@ import torch
 def budgets(T: int) -> dict[str, list[dict[str, Any]]]:
     bs = 32
     return {
-        "vertical_slash": [dict(block_size=bs, n_last=64, sinks=4, window=16, n_vertical=n, n_slash=n)
+        "vertical_slash": [dict(block_size=bs, n_last=64, sinks=min(4, n), window=min(16, n), n_vertical=n, n_slash=n)
                            for n in (T // 32, T // 16, T // 8)],
         "xattention": [dict(block_size=bs, stride=8, threshold=t) for t in (0.8, 0.9, 0.95)],
         "flexprefill": [dict(block_size=bs, gamma=g, tau=0.1) for g in (0.8, 0.9, 0.95)],
