@@ -54,7 +54,7 @@ class TokenSparseOptions(MethodOptions):
         check_int("window", self.window, 0)
 
     def check_call(self, call: AttentionCall) -> None:
-        if call.tq != call.tk and call.tq != 1:
+        if call.tq != call.tk and call.tq != 1 and call.tq * call.tk > 0:  # empty calls give empty results
             raise AttnkitError(f"q: method 'token_sparse' needs Tq == Tk (prefill) or Tq == 1 (decode), "
                                f"got Tq={call.tq}, Tk={call.tk}")
 
