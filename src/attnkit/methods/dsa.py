@@ -25,7 +25,7 @@ from .. import config
 from ..core.checks import check_int, check_tensor_shape, check_tensor_type
 from ..core.contract import AttentionCall, AttnkitError, OptionError, validate_attention
 from ..core.selection import KVSelection
-from ..core.topk import _grown_rows, streaming_topk, tile_budget, tile_sizes
+from ..core.topk import grown_rows, streaming_topk, tile_budget, tile_sizes
 from ..ops.sparse import validate_selection
 from ..registry import MethodOptions, register_selection
 from .gemm import bmm_f32, compute_dtype, half_gemm
@@ -166,7 +166,7 @@ def _radix_rows(view: SeqView, indexer: "_Indexer", radix: Any, topk: int, col_s
     q_pos = view.q_pos()
     r0 = 0
     while r0 < Tq:
-        rows = slice(r0, r0 + _grown_rows(r0, max(1, min(Tq - r0, max_tile // max(1, Tk))), Tq, Tk, Tk, col_stop,
+        rows = slice(r0, r0 + grown_rows(r0, max(1, min(Tq - r0, max_tile // max(1, Tk))), Tq, Tk, Tk, col_stop,
                                           max_tile))
         r0 = rows.stop
         stop = max(0, min(Tk, int(col_stop(rows))))
