@@ -1,4 +1,5 @@
-"""End-to-end targets of the content-routed sparse methods on a GPU (issue 6), selection included.
+"""Every target of the selection engine on a GPU, in one run: end-to-end content-routed sparse
+attention against cuDNN dense (selection included), the routing kernels in isolation, Quest decode.
 
 For each T, on one shape (bf16, B = 1, Hq = 64, D = 128; Hkv = 4 for MoBA / NSA / block top-k and
 1 for DSA, whose MLA-style attention is MQA), this times, in one process and one run:
@@ -11,11 +12,18 @@ For each T, on one shape (bf16, B = 1, Hq = 64, D = 128; Hkv = 4 for MoBA / NSA 
   include the selection; plus the selection alone (`select_ms`);
 - fla's `parallel_nsa` on the same NSA shape, when flash-linear-attention is installed.
 
+Two more sections (`--routing`, `--quest`): at the longest T, MoBA's routing kernel against its score
+GEMM alone (the floor of a fused selection) over a few launch configurations, and NSA's group kernel;
+and Quest decode reading 1/8 of the pages at 128K (B = 8, Hq = 32, Hkv = 8) against dense decode
+(`benchmarks/decode_bench.py`'s kernels section). The summary adds each method's selection share of
+the forward and MoBA's effective TFLOP/s (visited query-key pairs only, selection excluded).
+
 The crossover length of a method is the smallest measured T from which it is faster than the
 dense baseline at every longer measured T. Times are medians of CUDA-event timings after warm-up
 (fewer repetitions at long T). The JSON is rewritten after every row; `--plot` draws time versus T.
 
-    PYTHONPATH=src python benchmarks/sparse_targets_bench.py --out results/sparse_targets_h100.json --plot
+    PYTHONPATH=src python benchmarks/sparse_targets_bench.py --all-backends --routing --quest --plot \
+        --out results/sparse_targets_h100.json
 """
 
 from __future__ import annotations
@@ -95,6 +103,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="a row per GPU backend of each method instead of backend='auto' (the dispatch table's data)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla's parallel_nsa even if installed")
     ap.add_argument("--plot", action="store_true", help="also write <out>.png (time vs T)")
+    ap.add_argument("--commit", default=None, help="the source commit measured (recorded in the JSON)")
+    ap.add_argument("--routing", action="store_true", help="also time the routing kernels alone at the longest T")
+    ap.add_argument("--quest", action="store_true", help="also time Quest decode at 128K (B=8, Hq=32, Hkv=8)")
     ap.add_argument("--out", default="results/sparse_targets_h100.json")
     ap.add_argument("--report", metavar="JSON",
                     help="measure nothing: summarise a results file (also one a time limit cut short), rewrite "
@@ -115,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "python": platform.python_version(), "command": " ".join(["python"] + sys.argv),
         "shape": {"B": 1, "Hq": args.heads, "D": args.head_dim, "Hkv": KV_HEADS, "dtype": "bf16", "causal": True},
         "options": METHODS, "timing": "median CUDA-event ms; warm-up/reps 3/10 up to 16K, 1/4 beyond",
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": args.commit,
     }
     try:
         import triton
@@ -155,7 +166,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             torch.cuda.empty_cache()
 
     H, D = args.heads, args.head_dim
-    for T in args.seqlens:
+    if args.routing:  # first: short, and it compiles the routing kernels
+        routing_rows(max(args.seqlens), H, D, dev, attempt)
+    if args.quest:
+        attempt(dict(T=131072, method="quest-decode", impl="decode_bench"), quest_rows)
+    for T in args.seqlens:  # in the order given: the longest first keeps the headline rows inside --max-minutes
         for hkv in sorted({KV_HEADS[m] for m in args.methods}):
             def dense(hkv: int = hkv) -> dict[str, Any]:
                 q = torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -220,6 +235,85 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def routing_rows(T: int, H: int, D: int, dev: torch.device, attempt: Callable) -> None:
+    """MoBA's routing kernel (block 64, top 16, Hkv 4) against its score GEMM over every (row, block)
+    pair, a few launch configurations; NSA's group kernel (its LSE given)."""
+    from attnkit import kernels
+    from attnkit.core.contract import validate_attention
+    from attnkit.methods import nsa
+    from attnkit.methods.gemm import split_half
+    from attnkit.methods.router import block_mean, seq_view
+
+    kernels.load()
+    mod = kernels.load_module("selection.routed_topk")
+    bs, topk, hkv = 64, 16, 4
+    torch.manual_seed(0)
+    q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, T, hkv, D, device=dev, dtype=torch.bfloat16)
+    call = validate_attention(q, k, k, causal=True)
+    view = seq_view(call)
+    nk = T // bs
+    means = block_mean(view.k, bs, view.k_len).permute(0, 2, 3, 1)
+    gk = torch.cat(split_half(means, torch.bfloat16), dim=2).view(1, hkv, 3, D, nk).contiguous()
+    warm, reps = reps_for(T)
+
+    def gemm() -> dict[str, Any]:
+        qa = q.view(T, hkv, H // hkv, D).permute(1, 2, 0, 3).reshape(hkv, -1, D)
+        qa = torch.cat([qa] * 3, -1).contiguous()
+        ga = gk.view(hkv, 3 * D, nk)
+        return dict(ms=cuda_time(lambda: torch.bmm(qa, ga, out_dtype=torch.float32), warm, reps),
+                    note="all T x nk pairs (no causal skip), 3 bf16 split terms, float32 out")
+
+    attempt(dict(T=T, method="moba-routing", impl="score GEMM alone (cuBLAS)"), gemm)
+    default = (mod.BLOCK_M, mod.MIN_BLOCK_N, mod.NUM_WARPS)
+    for cfg in [default, (128, 32, 16), (256, 32, 8), (128, 64, 8), (64, 32, 4)]:
+        def kern(cfg: tuple[int, int, int] = cfg) -> dict[str, Any]:
+            mod.BLOCK_M, mod.MIN_BLOCK_N, mod.NUM_WARPS = cfg
+            try:
+                f = lambda: mod.routed_topk(q, gk, view.k_len, view.offset, True, bs, topk)  # noqa: E731
+                return dict(ms=cuda_time(f, warm, reps), default=cfg == default)
+            finally:
+                mod.BLOCK_M, mod.MIN_BLOCK_N, mod.NUM_WARPS = default
+
+        attempt(dict(T=T, method="moba-routing", impl="routed_topk BLOCK_M,BLOCK_N,warps=%d,%d,%d" % cfg), kern)
+
+    def nsa_kernel() -> dict[str, Any]:
+        with torch.no_grad():
+            _, lse, _ = nsa.compressed_branch(call, bs, v=k, flex=True)
+            kc = k.unflatten(1, (nk, bs)).float().mean(2).to(k.dtype).permute(0, 2, 3, 1)
+            f = lambda: mod.group_prob_topk(q, kc, lse, view.k_len, nk, 0, True, bs, topk, call.scale)  # noqa: E731
+            lse_ms = cuda_time(lambda: nsa.compressed_branch(call, bs, v=k, flex=True), warm, reps)
+            return dict(ms=cuda_time(f, warm, reps), compressed_branch_ms=lse_ms)
+
+    attempt(dict(T=T, method="nsa-routing", impl="group_prob_topk (LSE given)"), nsa_kernel)
+
+
+def quest_rows() -> dict[str, Any]:
+    """Quest at 1/8 of the pages vs dense decode at 128K, from `decode_bench.bench_kernels`."""
+    import argparse as _ap
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).with_name("decode_bench.py")
+    spec = importlib.util.spec_from_file_location("decode_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    ns = _ap.Namespace(seqlens=[131072], batch=8, hq=32, hkv=8, head_dim=128, page_size=16, dtype="bfloat16",
+                       quest_fraction=8, warmup=5, reps=20, no_graphs=False, sweep=False, smoke=False)
+    got = mod.bench_kernels(ns)
+    keep = ("impl", "seconds", "selection_seconds", "speedup_vs_dense", "tb_per_s", "error")
+    return dict(decode_rows=[{k: r[k] for k in keep if k in r} for r in got])
+
+
+def moba_effective_tflops(T: int, H: int, D: int, block: int, topk: int, exec_ms: float) -> float:
+    """Forward FLOP/s of MoBA's executor on the pairs it visits: per head, row i attends
+    `min(topk, own + 1) - 1` full past blocks and its own block up to i (4 * pairs * D FLOPs)."""
+    i = torch.arange(T, dtype=torch.float64)
+    own = torch.div(i, block, rounding_mode="floor")
+    pairs = ((torch.clamp(own + 1, max=topk) - 1) * block + (i - own * block + 1)).sum().item() * H
+    return 4.0 * pairs * D / exec_ms / 1e9
+
+
 def summarise(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Speed-ups over dense at each T and the crossover length per method, into `meta`."""
     dense = {(r["T"], r["Hkv"]): r for r in rows if r["method"] == "dense" and "fwd_ms" in r}
@@ -239,10 +333,22 @@ def summarise(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         cross[key] = wins[0] if wins else None
     meta["speedup_over_dense"] = summary
     meta["crossover_T_fwd"] = cross
+    share, eff = {}, {}
+    for r in rows:
+        if r.get("select_ms") and r.get("fwd_ms") and r["method"] in METHODS:
+            share.setdefault(f'{r["method"]}/{r["impl"]}', {})[r["T"]] = round(r["select_ms"] / r["fwd_ms"], 3)
+            if r["method"] == "moba":
+                o = METHODS["moba"]
+                eff.setdefault(r["impl"], {})[r["T"]] = round(moba_effective_tflops(
+                    r["T"], meta["shape"]["Hq"], meta["shape"]["D"], o["block_size"], o["topk"],
+                    r["fwd_ms"] - r["select_ms"]), 1)
+    meta["selection_share_of_fwd"] = share
+    meta["moba_executor_effective_tflops_fwd"] = eff
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The docs table: ms forward / forward+backward per method and T, selection time, speed-up over dense."""
+    rows = [r for r in rows if r["method"] in METHODS or r["method"] == "dense"]
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
     impls = {m: list(dict.fromkeys(r["impl"] for r in rows if r["method"] == m)) for m in methods}
     cols = [(m, i) for m in methods for i in impls[m]]
@@ -287,7 +393,7 @@ def plot(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in rows:
-        if "fwd_ms" in r:
+        if "fwd_ms" in r and "fwd_bwd_ms" in r:
             label = "dense cuDNN" + (f" (Hkv={r['Hkv']})" if r["method"] == "dense" else "") \
                 if r["method"] == "dense" else f'{r["method"]} ({r["impl"]})'
             series.setdefault(label, []).append((r["T"], r["fwd_ms"], r["fwd_bwd_ms"]))

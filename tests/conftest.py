@@ -67,7 +67,7 @@ def _seed() -> None:
 
 @pytest.fixture
 def config_override():
-    """Change attnkit settings for one test: `config_override(moba_gate_kernel=True)` (through
+    """Change attnkit settings for one test: `config_override(routed_topk_devices=())` (through
     `attnkit.config.override`; each call stacks, all are undone after the test)."""
     import contextlib
 

@@ -12,11 +12,11 @@ from attnkit import config
 
 def test_from_env_reads_every_variable() -> None:
     env = {"ATTNKIT_SPARSE_KEYMAJOR": "0", "ATTNKIT_NO_AUTOTUNE": "1", "ATTNKIT_DECODE_BLOCK_N": "128",
-           "ATTNKIT_DECODE_SPLITS": "8", "ATTNKIT_MOBA_GATE_KERNEL": "1", "ATTNKIT_LINEAR_COMPILE": "aot_eager",
+           "ATTNKIT_DECODE_SPLITS": "8", "ATTNKIT_LINEAR_COMPILE": "aot_eager",
            "ATTNKIT_CACHE_DIR": "/tmp/x"}
     got = config.from_env(env)
-    assert (got.sparse_keymajor, got.autotune, got.decode_block_n, got.decode_splits, got.moba_gate_kernel,
-            got.linear_compile, got.cache_dir) == (False, False, 128, 8, True, "aot_eager", "/tmp/x"), got
+    assert (got.sparse_keymajor, got.autotune, got.decode_block_n, got.decode_splits,
+            got.linear_compile, got.cache_dir) == (False, False, 128, 8, "aot_eager", "/tmp/x"), got
     assert config.from_env({}) == config.Settings()
     with pytest.raises(ValueError, match="ATTNKIT_DECODE_SPLITS"):
         config.from_env({"ATTNKIT_DECODE_SPLITS": "many"})
@@ -46,11 +46,12 @@ def test_override_is_scoped_and_checked() -> None:
     assert config.get() == before
 
 
-def test_moba_gate_kernel_is_a_named_variant_in_explain() -> None:
+def test_routing_kernels_are_named_variants_in_explain() -> None:
     q = torch.randn(1, 16, 2, 8)
     exp = ak.explain(q, q, q, method="moba", block_size=4, topk=2)
-    assert [(n, on) for n, on, _ in exp.variants] == [("gate_kernel", False)], exp.variants
-    assert "opt-in" in exp.variants[0][2] and "variant gate_kernel: off" in str(exp)
-    with config.override(moba_gate_kernel=True):
-        exp = ak.explain(q, q, q, method="moba", block_size=4, topk=2)
-    assert not exp.variants[0][1] and "inputs are on cpu" in exp.variants[0][2], exp.variants
+    assert [(n, on) for n, on, _ in exp.variants] == [("routed_topk", False)], exp.variants
+    assert "inputs are on cpu" in exp.variants[0][2] and "variant routed_topk: off" in str(exp)
+    with config.override(routed_topk_devices=()):
+        exp = ak.explain(q, q, q, method="nsa", block_size=4, topk=2, g_slc=torch.ones(1, 16, 2))
+    assert [(n, on) for n, on, _ in exp.variants] == [("routed_topk", False)], exp.variants
+    assert "runs on no device" in exp.variants[0][2]

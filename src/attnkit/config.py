@@ -50,10 +50,10 @@ class Settings:
     decode_block_n: int = 64  # ATTNKIT_DECODE_BLOCK_N: keys per tile of the decode kernel
     decode_splits: Optional[int] = None  # ATTNKIT_DECODE_SPLITS: split-K programs per row (None: chosen)
     # experimental variants (see `variants()` and attnkit.explain)
-    moba_gate_kernel: bool = False  # ATTNKIT_MOBA_GATE_KERNEL=1: MoBA's fused gate + top-k kernel
     linear_compile: str = ""  # ATTNKIT_LINEAR_COMPILE: "1" inductor, or a torch.compile backend name
     # where the fast paths may run ("cpu" is added by tests to run them in Triton's interpreter)
-    moba_gate_devices: tuple[str, ...] = ("cuda",)
+    routed_topk_devices: tuple[str, ...] = ("cuda",)  # MoBA's and NSA's fused score + top-k kernels
+    radix_topk_devices: tuple[str, ...] = ()  # DSA's radix select: measured slower than torch.topk
     dsa_indexer_devices: tuple[str, ...] = ("cuda",)
     half_gemm_devices: tuple[str, ...] = ("cuda",)  # selection GEMMs keep half operands
     linear_compile_devices: tuple[str, ...] = ("cuda",)
@@ -69,7 +69,6 @@ def from_env(env: Optional[Mapping[str, str]] = None) -> Settings:
         autotune=not _flag(env, "ATTNKIT_NO_AUTOTUNE", False),
         decode_block_n=_int(env, "ATTNKIT_DECODE_BLOCK_N", 64) or 64,
         decode_splits=_int(env, "ATTNKIT_DECODE_SPLITS", None),
-        moba_gate_kernel=_flag(env, "ATTNKIT_MOBA_GATE_KERNEL", False),
         linear_compile=(env.get("ATTNKIT_LINEAR_COMPILE") or "").strip(),
         cache_dir=env.get("ATTNKIT_CACHE_DIR") or None,
     )

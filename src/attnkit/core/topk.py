@@ -65,7 +65,7 @@ def tile_sizes(num_rows: int, num_cols: int, elems_per_pair: int = 1, budget: Op
     return row, col
 
 
-def _grown_rows(r0: int, rows: int, num_rows: int, col_chunk: int, num_cols: int,
+def grown_rows(r0: int, rows: int, num_rows: int, col_chunk: int, num_cols: int,
                 col_stop: Callable[[slice], int], max_tile_elems: int) -> int:
     """Double a row chunk while its widest tile (`min(col_chunk, col_stop)` columns) stays within
     `max_tile_elems` scores: under causality the first rows see few columns."""
@@ -121,7 +121,7 @@ def streaming_topk(
     while r0 < num_rows:
         n_rows = min(row_chunk, num_rows - r0)
         if max_tile_elems is not None and col_stop is not None:
-            n_rows = _grown_rows(r0, n_rows, num_rows, col_chunk, num_cols, col_stop, max_tile_elems)
+            n_rows = grown_rows(r0, n_rows, num_rows, col_chunk, num_cols, col_stop, max_tile_elems)
         rows = slice(r0, r0 + n_rows)
         r0 += n_rows
         stop = num_cols if col_stop is None else max(0, min(num_cols, int(col_stop(rows))))

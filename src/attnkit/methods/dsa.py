@@ -25,11 +25,11 @@ from .. import config
 from ..core.checks import check_int, check_tensor_shape, check_tensor_type
 from ..core.contract import AttentionCall, AttnkitError, OptionError, validate_attention
 from ..core.selection import KVSelection
-from ..core.topk import streaming_topk, tile_budget, tile_sizes
+from ..core.topk import grown_rows, streaming_topk, tile_budget, tile_sizes
 from ..ops.sparse import validate_selection
 from ..registry import MethodOptions, register_selection
 from .gemm import bmm_f32, compute_dtype, half_gemm
-from .router import SeqView, compact_rows, seq_view
+from .router import SeqView, compact_rows, kernel_variant, radix_kernel, seq_view
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,15 @@ def _variants(call: AttentionCall, opts: Any) -> list[tuple[str, bool, str]]:
         where = "/".join(devices) or "no device"
         return [("indexer_kernel", False, f"runs on {where}, inputs are on {call.device.type}")]
     reason = kernels.device_ok(call.device.type)
-    return [("indexer_kernel", reason is None, reason or "fused indexer-score Triton kernel")]
+    return [("indexer_kernel", reason is None, reason or "fused indexer-score Triton kernel"), _radix_variant(call)]
+
+
+def _radix_variant(call: AttentionCall) -> tuple[str, bool, str]:
+    """The radix select in place of `torch.topk` (off by default: measured slower, docs/executors.md)."""
+    if compute_dtype(call.dtype) != torch.float32:
+        return ("radix_topk", False, "no float64")
+    return kernel_variant("radix_topk", call, config.get().radix_topk_devices,
+                          "radix select over whole-row score tiles instead of torch.topk")
 
 
 class _Indexer:
@@ -138,10 +146,40 @@ def policy(call: AttentionCall, opts: DsaOptions) -> KVSelection:
         def col_stop(rows: slice) -> int:
             return rows.stop + view.offset if view.causal else Tk
 
+        radix = radix_kernel(dev, compute_dtype(call.dtype))
+        if radix is not None:
+            idx = _radix_rows(view, indexer, radix, opts.topk, col_stop, tile_budget(dev) // per_pair)
+            return KVSelection(idx.unsqueeze(1), q_block=1, k_block=1)
         _, idx = streaming_topk(indexer, (N,), Tq, Tk, opts.topk, row_chunk=row_chunk, col_chunk=col_chunk,
                                 col_stop=col_stop, dtype=compute_dtype(call.dtype), device=dev,
                                 max_tile_elems=tile_budget(dev) // per_pair)
     return KVSelection(compact_rows(idx.unsqueeze(1), opts.topk), q_block=1, k_block=1)
+
+
+def _radix_rows(view: SeqView, indexer: "_Indexer", radix: Any, topk: int, col_stop: Any, max_tile: int) -> torch.Tensor:
+    """Each query's `topk` keys by a radix select over whole-row score tiles (`kernels/selection/
+    radix_topk.py`): int32 `[N, Tq, min(topk, Tk)]`, ascending, -1 padded. A tile holds as many rows
+    as `max_tile` scores allow (more for the short rows of a causal call)."""
+    N, Tq, Tk = view.q.shape[0], view.tq, view.tk
+    width = min(topk, Tk)
+    out = torch.full((N, Tq, width), -1, dtype=torch.int32, device=view.q.device)
+    q_pos = view.q_pos()
+    r0 = 0
+    while r0 < Tq:
+        rows = slice(r0, r0 + grown_rows(r0, max(1, min(Tq - r0, max_tile // max(1, Tk))), Tq, Tk, Tk, col_stop,
+                                          max_tile))
+        r0 = rows.stop
+        stop = max(0, min(Tk, int(col_stop(rows))))
+        if stop == 0:
+            continue
+        s = indexer(rows, slice(0, stop))  # [N, R, stop]
+        R = s.shape[1]
+        visible = view.k_len.view(N, 1).expand(N, R)
+        if view.causal:
+            visible = torch.minimum(visible, (q_pos[rows] + 1).clamp_min(0).view(1, R))
+        idx = radix.radix_topk(s.reshape(N * R, stop), visible.reshape(-1), topk)
+        out[:, rows, : idx.shape[-1]] = idx.view(N, R, -1)
+    return out
 
 
 def select(q: torch.Tensor, k: torch.Tensor, *, topk: int, q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor,

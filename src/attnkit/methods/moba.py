@@ -24,43 +24,16 @@ from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import MethodOptions, register_selection
 from .gemm import bmm_f32, compute_dtype, half_gemm, split_half
-from .router import block_mean, compact_rows, seq_view
-
-
-# The fused gate + top-k kernel is an opt-in variant (config `moba_gate_kernel`,
-# ATTNKIT_MOBA_GATE_KERNEL=1) until it has run on a GPU: it passes its tests in Triton's CPU
-# interpreter (tests/kernels/test_gate_topk.py has the GPU test). `attnkit.explain` shows it.
-
-
-def _gate_kernel(device: torch.device, dtype: torch.dtype, topk: int) -> Any:
-    """The fused gate + top-k kernel module when it is turned on and can serve this call, else None
-    (PyTorch tiles)."""
-    from .. import kernels
-
-    settings = config.get()
-    if not settings.moba_gate_kernel or dtype == torch.float64:
-        return None
-    mod = kernels.module_for("selection.gate_topk", device, settings.moba_gate_devices)
-    return mod if mod is not None and topk <= mod.MAX_TOPK else None
+from .router import block_mean, compact_rows, routed_kernel, seq_view
 
 
 def _variants(call: AttentionCall, opts: "MobaOptions") -> list[tuple[str, bool, str]]:
-    """The fused gate kernel as a named variant of MoBA's selection (what `_gate_kernel` decides,
-    without loading the kernels)."""
-    from .. import kernels
+    """The fused gate + top-k kernel, the default where it can serve (`router.routed_kernel`)."""
+    from . import router
 
-    settings = config.get()
-    if not settings.moba_gate_kernel:
-        return [("gate_kernel", False, "opt-in: ATTNKIT_MOBA_GATE_KERNEL=1 or config.override(moba_gate_kernel=True)")]
-    if call.dtype == torch.float64:
-        return [("gate_kernel", False, "no float64")]
-    if call.device.type not in settings.moba_gate_devices:
-        return [("gate_kernel", False, f"runs on {'/'.join(settings.moba_gate_devices) or 'no device'}, "
-                                        f"inputs are on {call.device.type}")]
-    reason = kernels.device_ok(call.device.type)
-    if reason:
-        return [("gate_kernel", False, reason)]
-    return [("gate_kernel", True, "fused gate + top-k Triton kernel (PyTorch tiles past its maximum topk)")]
+    row = router.kernel_variant("routed_topk", call, config.get().routed_topk_devices,
+                                "fused gate + top-k Triton kernel (PyTorch tiles past its maximum topk)")
+    return [row]
 
 
 @dataclass(frozen=True)
@@ -93,11 +66,11 @@ def policy(call: AttentionCall, opts: MobaOptions) -> KVSelection:
         terms = 3 if split else 1
         gate_keys = (torch.cat(split_half(means, call.dtype), dim=2) if split else means)  # [N, Hkv, terms*D, nk]
         qg = view.q if split else view.q.to(cd)
-        kernel = _gate_kernel(q_pos.device, call.dtype, min(opts.topk, nk))
-        if kernel is not None:  # fused: scores stay on chip, one pass per row tile
+        kernel = routed_kernel(q_pos.device, call.dtype, min(opts.topk, nk))
+        if kernel is not None:  # fused: scores stay on chip, one pass per row tile, rows come out compact
             gate_keys = gate_keys.view(N, Hkv, terms, D, nk).to(qg.dtype)
-            idx = kernel.gate_topk(qg, gate_keys, view.k_len, view.offset, view.causal, bs, opts.topk)
-            return KVSelection(compact_rows(idx, opts.topk), q_block=1, k_block=bs)
+            idx = kernel.routed_topk(qg, gate_keys, view.k_len, view.offset, view.causal, bs, opts.topk)
+            return KVSelection(idx, q_block=1, k_block=bs)
         gate_keys = gate_keys.reshape(N * Hkv, terms * D, nk)
         qg = qg.view(N, Tq, Hkv, G, D).permute(0, 2, 3, 1, 4)  # [N, Hkv, G, Tq, D]
 

@@ -39,7 +39,8 @@ from ..core.selection import KVSelection, cdiv
 from ..core.topk import streaming_topk, tile_budget, tile_sizes
 from ..registry import Backend, Capabilities, MethodOptions, register_selection
 from .gemm import bmm_f32, compute_dtype, half_gemm
-from .router import Packing, compact_rows, seq_view
+from .. import config
+from .router import Packing, compact_rows, kernel_variant, routed_kernel, seq_view
 
 GATES = ("g_cmp", "g_slc", "g_swa")
 
@@ -184,6 +185,15 @@ def _selection(call: AttentionCall, block_size: int, topk: int, lse_cmp: Optiona
     # `bmm_f32` multiplies them exactly into float32 on the tensor cores; the scale and -lse are
     # applied in one pass over the tile instead of riding in the matmul.
     half = call.dtype == torch.bfloat16 and half_gemm(dev, call.dtype)
+    kernel = routed_kernel(dev, call.dtype, min(max(topk, 3), nk))
+    if kernel is not None:  # fused: probabilities summed over the group on chip, rows come out compact
+        with torch.no_grad():
+            if lse_cmp is None:  # the compressed branch's LSE (its output is not needed)
+                _, lse_cmp, _ = compressed_branch(call, bs, v=call.k, flex=dev.type == "cuda" and not call.varlen)
+            kc = view.k[:, : nc * bs].to(cd).unflatten(1, (nc, bs)).mean(2).to(call.dtype)  # as branch 1
+            idx = kernel.group_prob_topk(view.q, kc.permute(0, 2, 3, 1), lse_cmp.detach(), view.k_len, nk,
+                                         view.offset, view.causal, bs, topk, call.scale)
+        return KVSelection(idx, q_block=1, k_block=bs)
     with torch.no_grad():
         kc = view.k[:, : nc * bs].to(cd).unflatten(1, (nc, bs)).mean(2).to(call.dtype)  # as branch 1
         if half:
@@ -367,6 +377,12 @@ class NSAGates(nn.Module):
         return None  # the gates train through the attention output
 
 
+def _variants(call: AttentionCall, opts: NsaOptions) -> list[tuple[str, bool, str]]:
+    """The fused selection kernel, the default where it can serve (`router.routed_kernel`)."""
+    return [kernel_variant("routed_topk", call, config.get().routed_topk_devices,
+                           "fused compressed-probability + top-k Triton kernel (PyTorch tiles past its maximum topk)")]
+
+
 SPEC = register_selection(
     "nsa",
     NsaOptions,
@@ -376,6 +392,7 @@ SPEC = register_selection(
     example=_example,
     capabilities=Capabilities(lse=False),
     inputs=NSAGates,
+    variants=_variants,
     backends=(
         Backend("triton", lambda call, opts: run(call, opts, gpu=True), devices=("cuda",),
                 dtypes=(torch.float16, torch.bfloat16, torch.float32), lse=False, varlen=False,

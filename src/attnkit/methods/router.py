@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -125,3 +125,45 @@ def compact_rows(idx: torch.Tensor, max_width: int, rows_per_chunk: Optional[int
 
 def num_blocks(view: SeqView, block: int) -> int:
     return cdiv(view.tk, block)
+
+
+# --- the fused routing kernels ------------------------------------------------------------------
+# MoBA (per query head, gate `q . mean(k in block)`) and NSA (per KV group, compressed-attention
+# probability summed over the group's heads) share the candidate / forced conventions and one
+# on-chip running top-k (`kernels/selection/routed_topk.py`); DSA's top-k can run as a radix select
+# (`kernels/selection/radix_topk.py`). The PyTorch tiles (`core.topk.streaming_topk`) stay the
+# reference path. Where each may run: `config` `routed_topk_devices` and `radix_topk_devices`.
+
+
+def routed_kernel(device: torch.device, dtype: torch.dtype, width: int) -> Optional[Any]:
+    """The fused routing kernel module when it can serve a selection of `width` blocks per row on
+    `device` in `dtype`, else None (the PyTorch tiles: float64, other devices, more than `MAX_TOPK`)."""
+    from .. import config, kernels
+
+    if dtype == torch.float64:
+        return None
+    mod = kernels.module_for("selection.routed_topk", device, config.get().routed_topk_devices)
+    return mod if mod is not None and width <= mod.MAX_TOPK else None
+
+
+def radix_kernel(device: torch.device, dtype: torch.dtype) -> Optional[Any]:
+    """The radix-select module when it may take `dtype` score tiles on `device` (float32 only; by
+    default nowhere: measured slower than `torch.topk` for DSA, see docs/executors.md), else None."""
+    from .. import config, kernels
+
+    if dtype != torch.float32:
+        return None
+    return kernels.module_for("selection.radix_topk", device, config.get().radix_topk_devices)
+
+
+def kernel_variant(name: str, call: AttentionCall, devices: tuple[str, ...], ok_text: str) -> tuple[str, bool, str]:
+    """One `explain()` row for a routing kernel (what `routed_kernel` / `radix_kernel` decide,
+    without loading the kernels)."""
+    from .. import kernels
+
+    if call.dtype == torch.float64:
+        return (name, False, "no float64")
+    if call.device.type not in devices:
+        return (name, False, f"runs on {'/'.join(devices) or 'no device'}, inputs are on {call.device.type}")
+    reason = kernels.device_ok(call.device.type)
+    return (name, False, reason) if reason else (name, True, ok_text)
