@@ -7,11 +7,35 @@ same oracle, plus a floor of a few ulps so exact paths in float64 are not held t
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+
+def _import_triton_for_the_interpreter() -> None:
+    """Without a GPU, the Triton kernels' CPU twins run in Triton's interpreter. Triton decides
+    interpreter or compiler when a function is decorated, and its own standard library (`tl.sum`,
+    `tl.sort`, `tl.cumsum`, ...) is decorated when `triton` is first imported. Import it here,
+    before any test can import it for compiling, with `TRITON_INTERPRET=1` set for the import only,
+    so kernels that use the standard library run in the interpreter whatever ran before them."""
+    if torch.cuda.is_available() or "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_import_triton_for_the_interpreter()
 
 settings.register_profile(
     "ci", max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]

@@ -49,10 +49,10 @@ def _radix_topk_kernel(S, LEN, OUT, stride_sr, stride_or, k, BLOCK: tl.constexpr
             tl.store(out + idx, idx.to(tl.int32), mask=idx < L)
     else:
         need = k
-        prefix = tl.zeros((), tl.uint32)
-        pmask = tl.zeros((), tl.uint32)
+        prefix = tl.full((), 0, tl.uint32)
+        pmask = tl.full((), 0, tl.uint32)
         for p in tl.static_range(32 // BITS):
-            hist = tl.zeros((NB,), tl.int32)
+            hist = tl.full((NB,), 0, tl.int32)
             for c0 in range(0, L, BLOCK):
                 idx = c0 + offs
                 m = idx < L
