@@ -1,5 +1,5 @@
 """Argument checks shared by every layer of the library; each error names the argument, the
-expected and the actual value (DESIGN.md section 3)."""
+expected and the actual value (docs/design.md "The contract")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The tensor contract shared by every attnkit op (DESIGN.md section 3).
+"""The tensor contract shared by every attnkit op (docs/design.md "The contract").
 
 Validation happens here, once, before any computation: an error names the argument, what was
 expected and what was passed. Everything downstream may assume a normalised `AttentionCall`.
@@ -156,7 +156,7 @@ def validate_attention(
     return_lse: bool = False,
     allow_empty: bool = False,
 ) -> AttentionCall:
-    """Validate and normalise an attention call per DESIGN.md section 3.
+    """Validate and normalise an attention call per docs/design.md "The contract".
 
     `allow_empty`: accept B == 0, Tq == 0 or Tk == 0 (the entry points that answer them as SDPA
     does: an empty output, or zeros and LSE -inf when there are no keys; `AttentionCall.empty`)."""

@@ -1,4 +1,6 @@
-"""Static attention patterns as composable mask predicates (DESIGN.md section 4).
+"""Static attention patterns as composable mask predicates.
+
+See docs/design.md "A sparse method is a selection plus an executor".
 
 A predicate is a function `fn(b, h, q_pos, k_pos) -> bool tensor`, written with broadcasting tensor
 ops only, in the spirit of FlexAttention's `mask_mod`: `b` is the batch index (the sequence index

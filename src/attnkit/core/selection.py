@@ -1,4 +1,6 @@
-"""`KVSelection`: which keys each query may see (DESIGN.md section 4), shared by every sparse method.
+"""`KVSelection`: which keys each query may see, shared by every sparse method.
+
+See docs/design.md "A sparse method is a selection plus an executor".
 
 `indices: int32 [B, Hsel, Nq, S]`, padded with -1, rows free of duplicates. Row n lists the key
 blocks (`k_block` keys each) visible to query block n (`q_block` queries each, counted in query

@@ -2,7 +2,7 @@
 
 The ring sees one rectangle of the attention matrix at a time: the queries of a local segment
 against the keys of a (possibly remote) segment. `Visibility` is the rule of the `sliding_window`
-method (StreamingLLM, MECHANISMS.md) in global coordinates:
+method (StreamingLLM, docs/mechanisms.md) in global coordinates:
 
     visible(i, j) = (not causal or j <= i) and (window is None or |i - j| < window or j < sinks)
 

@@ -1,1 +1,1 @@
-"""integrations: see DESIGN.md section 2."""
+"""integrations: adapters between attnkit and other libraries (docs/huggingface.md)."""

@@ -1,6 +1,6 @@
 """kernels: attnkit's Triton kernels, their `torch.library` custom ops and autograd glue.
 
-Nothing here imports Triton at `import attnkit` time (DESIGN.md section 2): `load()` imports the
+Nothing here imports Triton at `import attnkit` time (so a CPU-only machine never needs it): `load()` imports the
 kernel modules on first use. With `TRITON_INTERPRET=1` set when `load()` first runs, the kernels
 are built for Triton's CPU interpreter and accept CPU tensors (CI runs them that way at tiny
 shapes); otherwise they need CUDA tensors.

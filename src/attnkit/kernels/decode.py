@@ -160,9 +160,10 @@ def selection_mode(selection: Optional[KVSelection], page_size: int) -> tuple[in
 
 
 def default_splits(rows: int, iters: int) -> int:
-    """Enough programs to keep an H100's memory system busy (~8 per SM: at B = 8, Hkv = 8 and
-    T = 128K, 16-32 splits read at 0.80-0.85 of cuDNN's bandwidth where 9 read at 0.73; see
-    results/decode_h100.json) without splits of under 4 iterations."""
+    """Enough programs to keep a large GPU's memory system busy (about 8 per SM: with too few
+    splits a long cache is read by too few programs to reach the bandwidth of cuDNN's decode; the
+    sweep over split counts is in docs/kv_cache.md, "Measured: decode on an H100") without splits
+    of under 4 iterations."""
     splits = config.get().decode_splits
     if splits:
         return splits

@@ -1,4 +1,6 @@
-"""KV cache, eviction policies and sparse decoding (DESIGN.md section 2; MECHANISMS.md "KV cache").
+"""KV cache, eviction policies and sparse decoding.
+
+See docs/kv_cache.md and docs/mechanisms.md, "KV cache: eviction and sparse decoding".
 
     from attnkit.kv import KVSession, get_policy
     s = KVSession(get_policy("snapkv", budget=0.25, obs_window=16))

@@ -1,4 +1,4 @@
-"""nn.Modules built on attnkit's functional ops (DESIGN.md section 2).
+"""nn.Modules built on attnkit's functional ops (docs/layers.md).
 
 - `Attention`: q/k/v/o projections, RoPE, GQA/MQA, output gate, any softmax-family method.
 - `LinearAttention`: the linear/recurrent family with short conv and gated output norm.

@@ -137,7 +137,7 @@ def check_flag(name: str, x: object) -> bool:
 
 
 def check_varlen(cu_seqlens: Optional[torch.Tensor], q: torch.Tensor) -> Optional[torch.Tensor]:
-    """Offsets int32 [N+1] from 0 to T, nondecreasing, with B == 1 (DESIGN.md section 3)."""
+    """Offsets int32 [N+1] from 0 to T, nondecreasing, with B == 1 (docs/design.md "The contract")."""
     if cu_seqlens is None:
         return None
     return check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], q.device)

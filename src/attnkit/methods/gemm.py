@@ -26,7 +26,7 @@ def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Half-precision CUDA operands stay half: their products are exact in float32 and cuBLAS
     accumulates in float32, so the result equals the float32 product of the same values up to
-    summation order, on the tensor cores instead of float32 SIMT (about 10x on an H100). Other
+    summation order, on the tensor cores instead of the much slower float32 SIMT path. Other
     operands are cast to the compute dtype first."""
     global _out_dtype_bmm_ok
     if _out_dtype_bmm_ok and a.is_cuda and a.dtype in _HALF and b.dtype == a.dtype:

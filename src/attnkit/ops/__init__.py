@@ -1,4 +1,4 @@
-"""Executors: one function per op, backends behind it (DESIGN.md section 5).
+"""Executors: one function per op, backends behind it (docs/design.md "Backends and dispatch").
 
 Each op declares its backends as data and picks one through `ops.dispatch` (the one dispatcher);
 `attnkit.explain(q, k, v, method="ops.<op>", ...)` shows the decision for the same arguments

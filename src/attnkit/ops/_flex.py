@@ -176,9 +176,9 @@ def compiled_flex() -> Callable:
 
 # torch.compile recompiles `flex_attention` for every new shape and every new kind of mask_mod,
 # and after `recompile_limit` (8 by default) falls back to FlexAttention's *unfused eager* path,
-# which materialises the full `[B, H, Tq, Tk]` score matrix (seen on an H100: a 32 GiB allocation
-# at T = 16K after a benchmark sweep). Raise the limit for our calls, and make hitting it an error
-# rather than a silent O(T^2) fallback.
+# which materialises the full `[B, H, Tq, Tk]` score matrix (an out-of-memory error at long T after
+# a benchmark sweep of many shapes; docs/executors.md, "Dispatch by measurement"). Raise the limit for
+# our calls, and make hitting it an error rather than a silent O(T^2) fallback.
 FLEX_RECOMPILE_LIMIT = 256
 
 

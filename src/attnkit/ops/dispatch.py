@@ -13,8 +13,8 @@ run a call on a GPU, the order that was fastest *in a benchmark run on that GPU*
 `scripts/make_dispatch_table.py` and records its source, device and versions, so `explain()` can say
 where the choice came from. A call on a device the table does not name, or outside its measured
 lengths' buckets, keeps the registry's order. A call that will be differentiated (grad mode on and
-q, k or v requiring grad) follows the forward+backward ranking where the table has one: on the H100
-the fastest forward and the fastest forward+backward are different backends for `block_topk`.
+q, k or v requiring grad) follows the forward+backward ranking where the table has one, because the
+fastest forward and the fastest forward+backward can be different backends (see the table itself).
 """
 
 from __future__ import annotations

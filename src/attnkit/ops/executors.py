@@ -1,15 +1,16 @@
 """Registry backends for methods that are "a selection (or a mask) + a shared executor".
 
-DESIGN.md section 1: a mechanism is a selection policy handed to shared executors. These helpers
-turn a policy into the backends a `MethodSpec` lists, so every selection-based method gains a
-GPU path the day an executor learns a new trick, without touching the method:
+A mechanism is a selection policy handed to shared executors (docs/design.md, "A sparse method is
+a selection plus an executor"). These helpers turn a policy into the backends a `MethodSpec` lists,
+so every selection-based method gains a GPU path the day an executor learns a new trick, without
+touching the method:
 
 - `selection_backends(select)`: `triton` (attnkit's sparse kernels, CUDA, every selection shape),
   then optionally `flex` (block-level selections whose blocks are multiples of 128), then
-  `reference`. Order by measurement: with the selection included, `block_topk` ran faster on
-  triton than on flex in `results/bench-gpu-h100` (4.55 vs 6.48 ms at T = 4K), and flex ran out
-  of memory at 16K there (see docs/executors.md), although the executor-only measurements in
-  `results/executors_h100.json` put FlexAttention ahead on a fixed selection.
+  `reference`. Triton comes first because it serves every selection shape and, with the
+  selection's cost included, measured faster than flex end to end; flex can still win on a fixed
+  selection. The measurements behind this order are the tables of docs/executors.md, and where a
+  measured dispatch table covers the call, `backend="auto"` follows it instead.
 - `mask_backends(make_mask)`: `flex` (CUDA; the predicate compiled into a block mask), then
   `reference`.
 

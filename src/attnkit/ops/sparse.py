@@ -48,7 +48,9 @@ def sparse_attention(
     return_lse: bool = False,
     backend: str = "auto",
 ) -> Any:
-    """Attention of each query over the key blocks its selection row lists (DESIGN.md section 4).
+    """Attention of each query over the key blocks its selection row lists.
+
+    See docs/design.md "A sparse method is a selection plus an executor".
 
     With `causal=True` the causal rule applies token by token inside selected blocks; an optional
     `mask` predicate further restricts visibility. A query whose selection is empty (or fully

@@ -16,8 +16,8 @@ resolve to the larger index. The running top-K merges a tile with a bitonic netw
 chunks of K keys are sorted descending (`tl.sort`), the running top-K is kept ascending, their
 elementwise maximum is the top K of the union as a bitonic sequence (the half-cleaner), and log2(K)
 compare-exchange stages sort it again. That is O(log^2 K) integer ops per score, independent of
-the data, against O(K) reductions per score for extraction by repeated maxima: on an H100, MoBA's
-top-16 at T = 64K (Hq = 64) took 22 ms this way and 54.6 ms by extraction.
+the data, against O(K) reductions per score for extraction by repeated maxima (the measured
+comparison is in docs/executors.md, "The selection engine").
 
 `group_prob_topk` is NSA's variant: the dot operand holds all heads of a KV group for a few query
 rows, and the tile's score is the compressed-attention probability summed over those heads.
@@ -42,7 +42,8 @@ MAX_TOPK = 64  # the running top-K lives in registers; wider selections stay on 
 # launch knobs (module attributes: tests shrink them to many small tiles, the benchmark tunes them)
 BLOCK_M = 128  # query rows per program
 MIN_BLOCK_N = 32  # columns per tile (at least K; a dot needs 16)
-NUM_WARPS = 8  # (128, 32, 8): 21.7 ms for MoBA's top-16 at 64K on an H100, the best of 8 configurations
+NUM_WARPS = 8  # (BLOCK_M, MIN_BLOCK_N, NUM_WARPS) = (128, 32, 8): the fastest configuration of a sweep
+# for MoBA's top-16 at T = 64K (docs/executors.md, "The selection engine")
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """The Triton sparse executor as `torch.library` custom ops, with autograd.
 
 `sparse_attention(q, k, v, indices, q_block, k_block, ...)` runs attention of each query over the
-key blocks of its selection row (DESIGN.md section 4) with the kernels of `querymajor`:
+key blocks of its selection row (see docs/design.md "A sparse method is a selection plus an executor")
+with the kernels of `querymajor`:
 
 - block mode: `q_block` a multiple of 16; a tile is up to 128 consecutive queries of one head;
 - token mode (any other `q_block`, MoBA / NSA with `q_block == 1`): a tile is one token and the
