@@ -6,7 +6,7 @@ non-candidates (blocks starting after the row, or past the sequence's keys) neve
 
 Why a kernel: in PyTorch the `[Hq * T, T / block]` float32 score matrix (8.6 GB for the causal half
 at T = 64K, Hq = 64, block 64) is written by a GEMM and read back by a streaming `torch.topk`, which
-costs about 20x the GEMM. Here a program holds `BLOCK_M` query rows of one head and walks the column
+costs much more than the GEMM itself. Here a program holds `BLOCK_M` query rows of one head and walks the column
 tiles up to its causal limit; the scores of a tile live in registers and are merged into a running
 per-row top-K, so no score reaches memory.
 
