@@ -83,7 +83,7 @@ def main() -> None:
 
     import attnkit as ak
     from attnkit.core.contract import validate_attention
-    from attnkit.ops._flex import compiled_flex, run_flex_block_mask, selection_block_mask
+    from attnkit.ops.executors import compiled_flex, run_flex_block_mask, selection_block_mask
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from attnkit.bench.timing import time_call
 
-from attnkit.linear.chunk import _group_size, chunk_forward
+from attnkit.linear.chunk import chunk_forward, state_group_size
 
 METHODS = ["linear_attention", "simple_gla", "gla", "delta_rule", "gated_delta_rule", "kda"]
 SCALAR_GATE = {"simple_gla", "gated_delta_rule"}
@@ -72,7 +72,7 @@ def bench_one(name: str, T: int, args: argparse.Namespace, impl: str, engine: Ca
     cuda = args.device == "cuda"
     D, C = args.D, args.chunk_size
     N = -(-T // C)
-    G = _group_size(N)
+    G = state_group_size(N)
     row: dict[str, Any] = dict(method=name, impl=impl, T=T, B=1, H=args.H, K=D, V=D, dtype=args.dtype, chunk_size=C,
                                chunks=N, group_size=G, sequential_depth=(G - 1 + -(-N // G)) if name in DELTA else 0)
     x = make_inputs(name, T, args.H, D, DTYPES[args.dtype], args.device)

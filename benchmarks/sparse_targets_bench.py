@@ -213,7 +213,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     leaves, opts = method_inputs("nsa", T, H, D, dev)
                     q, k, v = leaves
                     from attnkit.core import masks
-                    from attnkit.ops._flex import run_flex_mask
+                    from attnkit.ops.executors import run_flex_mask
 
                     # fla's window branch needs flash-attn (absent here): fla runs the compressed and
                     # selected branches, attnkit's flex kernel the window of 512, mixed by g_swa

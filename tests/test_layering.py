@@ -1,7 +1,8 @@
-"""The layers of DESIGN.md section 2, held by parsing every import of the package (lazy ones too):
-imports flow downward, `core` imports nothing of attnkit, `kernels` only `core`, `ops` neither `kv`
-nor the registry, `methods` only public `ops` modules, and no module imports another module's
-private name across packages."""
+"""The layers of the package, held by parsing every import (lazy ones too): imports flow downward,
+`core` imports nothing of attnkit, `kernels` only `core`, `ops` neither `kv` nor the registry,
+`methods` only public `ops` modules, and no module imports another module's private name across
+packages. The scripts of `benchmarks/` and `scripts/` use only public modules and names, like any
+user of the library."""
 
 from __future__ import annotations
 
@@ -116,3 +117,32 @@ def test_imports_flow_downward() -> None:
 @pytest.mark.parametrize("package", sorted(p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()))
 def test_every_package_has_a_layer(package: str) -> None:
     assert package in RANK, f"attnkit.{package} is not placed in the layer map of tests/test_layering.py"
+
+
+def _private_imports(path: Path) -> list[str]:
+    """`file:line name` for each import of a private attnkit module or name (absolute imports)."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            mods = [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            mods = [(node.module, [a.name for a in node.names])]
+        else:
+            continue
+        for mod, names in mods:
+            parts = mod.split(".")
+            if parts[0] != "attnkit":
+                continue
+            private = [p for p in parts[1:] if p.startswith("_") and not p.startswith("__")]
+            private += [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private:
+                bad.append(f"{path.relative_to(SRC.parents[1])}:{node.lineno} {mod} {private}")
+    return bad
+
+
+def test_scripts_import_only_public_names() -> None:
+    root = SRC.parents[1]
+    files = sorted(p for d in ("benchmarks", "scripts") for p in (root / d).rglob("*.py"))
+    assert files, "no scripts found under benchmarks/ or scripts/"
+    bad = [b for f in files for b in _private_imports(f)]
+    assert not bad, "private attnkit imports in scripts (use or add a public name):\n" + "\n".join(bad)

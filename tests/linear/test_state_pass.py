@@ -18,9 +18,9 @@ import torch
 from attnkit.linear.chunk import (
     _TransitionScan,
     _decay_scan,
-    _group_size,
     chunk_forward,
     decay_scores,
+    state_group_size,
 )
 from attnkit.linear.common import l2norm
 from attnkit.linear.recurrent import recurrent_forward
@@ -144,12 +144,12 @@ def test_transition_scan_gradcheck() -> None:
 
 def test_group_size_depth_and_padding() -> None:
     for N in range(1, 2049):
-        G = _group_size(N)
+        G = state_group_size(N)
         groups = -(-N // G)
         assert 1 <= G <= N
         assert groups * G - N < groups, f"N={N}: G={G} pads a whole group"
         assert G - 1 + groups <= 2.5 * math.sqrt(N), f"N={N}: sequential depth {G - 1 + groups}"
-    assert _group_size(512) - 1 + 512 // _group_size(512) == 47  # T = 32K, C = 64
+    assert state_group_size(512) - 1 + 512 // state_group_size(512) == 47  # T = 32K, C = 64
 
 
 # --- end to end: forced group sizes against the recurrence ------------------------------------

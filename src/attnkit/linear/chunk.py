@@ -26,7 +26,7 @@ State pass. Across chunks the state obeys `S_n = diag(d_n) S_{n-1} + U_n` (gated
 `U_n = k_out_n^T v_n`) or `S_n = P_n S_{n-1} + Q_n` (delta family, `P_n = diag(d_n) -
 k_out_n^T W_n`, `Q_n = k_out_n^T u0_n`). A loop over the N chunks launches a few small kernels
 per chunk (N = 512 at T = 32K, C = 64), which is what a GPU pays for, so the chunks are taken
-in groups of G ~ sqrt(N) (`_group_size`):
+in groups of G ~ sqrt(N) (`state_group_size`):
 
   * gated linear: no loop at all. The states from zero inside every group are one
     decay-weighted sum over the group's chunks (a [G + 1, G] weight, per key channel for vector
@@ -104,7 +104,7 @@ def _build_masked_out(rows: int, cols: int, strict: bool, device: torch.device) 
 _cached_masked_out = functools.lru_cache(maxsize=64)(_build_masked_out)
 
 
-def _group_size(N: int) -> int:
+def state_group_size(N: int) -> int:
     """Chunks per group for the state pass: near sqrt(N), preferring a divisor of N (no padding)."""
     root = math.sqrt(N)
     divisors = [d for d in range(math.ceil(root / 2), math.floor(2 * root) + 1) if N % d == 0]
@@ -458,7 +458,7 @@ def _chunk_engine(
     dt = compute_dtype(q)
     C = chunk_size
     N = -(-T // C)
-    G = _group_size(N) if group_size is None else group_size
+    G = state_group_size(N) if group_size is None else group_size
     ng = -(-N // G)
     Np = ng * G  # chunks, padded to whole groups
     qc = _to_chunks(q, C, Np, dt) * scale  # [B, H, Np, C, K]

@@ -28,14 +28,17 @@ from ..core.contract import AttentionCall
 from ..core.masks import Mask
 from ..core.selection import KVSelection
 from ._backends import run_empty, run_reference, run_sdpa, sdpa_why_not
-from ._flex import (FLEX_BLOCK, cached_block_mask, flex_attention_lse, flex_why_not_mask, prefix_block_mask,
-                    run_flex_mask, run_flex_selection)
+from ._flex import (FLEX_BLOCK, cached_block_mask, compiled_flex, flex_attention_lse, flex_why_not_mask,
+                    prefix_block_mask, run_flex_block_mask, run_flex_mask, run_flex_selection, selection_block_mask)
 from ._triton import run_triton, triton_why_not
 
-# the runners a method with its own backends composes (NSA's branches, dense attention)
-__all__ = ["FLEX_BLOCK", "cached_block_mask", "flex_attention_lse", "flex_why_not_mask", "mask_backends",
-           "prefix_block_mask", "run_empty", "run_flex_mask", "run_flex_selection", "run_reference", "run_sdpa", "run_triton",
-           "sdpa_why_not", "selection_backends", "triton_why_not"]
+# the runners a method with its own backends composes (NSA's branches, dense attention), and the
+# FlexAttention pieces a benchmark needs to time the executor on a block mask built once, outside
+# the timed region (`selection_block_mask`, `compiled_flex`, `run_flex_block_mask`)
+__all__ = ["FLEX_BLOCK", "cached_block_mask", "compiled_flex", "flex_attention_lse", "flex_why_not_mask",
+           "mask_backends", "prefix_block_mask", "run_empty", "run_flex_block_mask", "run_flex_mask",
+           "run_flex_selection", "run_reference", "run_sdpa", "run_triton", "sdpa_why_not", "selection_backends",
+           "selection_block_mask", "triton_why_not"]
 from .dispatch import Backend
 
 SelectFn = Callable[[AttentionCall, Any], KVSelection]
