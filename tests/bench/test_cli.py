@@ -169,7 +169,12 @@ def test_presets_are_complete_runs() -> None:
     register_all()
     for name, p in PRESETS.items():
         assert p.about, f"preset {name} has no description"
-        if p.methods != "all":
+        if p.study == "decode":  # dense decode and the Quest reader (a KV policy), measured by bench.decode
+            from attnkit.kv import Quest
+
+            assert p.methods == "dense,quest" and Quest.name == "quest"
+            get_method("dense")
+        elif p.methods != "all":
             for m in p.methods.split(","):
                 get_method(m)  # raises for a method the preset names but the registry lacks
 

@@ -55,6 +55,7 @@ class Preset:
     workloads: Optional[str] = None  # None: every workload
     overrides: tuple[str, ...] = ()  # --set items
     about: str = ""
+    study: str = "prefill"  # "decode": one token over a paged KV cache (`bench.decode`), methods and workloads fixed
 
 
 _SPARSE = "block_topk,moba,nsa,dsa"
@@ -80,6 +81,10 @@ PRESETS = {
                         workloads="random",
                         about="every softmax-family method on every executor (reference, flex, triton) at "
                               "T=4K,16K,64K: which executor dispatch should prefer"),
+    "decode": Preset("cuda", (32768, 131072), ("bf16",), 8, 32, 8, 128, 2, 10, 5.0, None, 7.0, None, "all",
+                     methods="dense,quest", workloads="decode", study="decode",
+                     about="one decode token over a paged KV cache of T=32K,128K tokens, B=8 Hq=32 Hkv=8 D=128, "
+                           "bf16: every decode backend and Quest reading 1/8 of the pages, against SDPA"),
 }
 
 
@@ -314,6 +319,8 @@ def build_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"{why}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
                          "use --quick for the CPU run")
     seqlens = [parse_int("--seqlens", x, 1) for x in _list("--seqlens", args.seqlens)] if args.seqlens else list(pre.seqlens)
+    if pre.study == "decode":
+        return _decode_config(args, name, pre, device, seqlens)
     wl_text = args.workloads or pre.workloads
     workloads = _list("--workloads", wl_text) if wl_text else list(WORKLOADS)
     for w in workloads:
@@ -362,6 +369,43 @@ def build_config(args: argparse.Namespace) -> Any:
     return config
 
 
+def _decode_config(args: argparse.Namespace, name: str, pre: Preset, device: str, seqlens: list[int]) -> Any:
+    """The Config of the decode study: its methods and workload are fixed, the shape and timing flags apply."""
+    from .decode import BACKENDS
+    from .runner import Config
+    from .workloads import Shape
+
+    for flag in ("methods", "workloads", "set", "backward", "imports", "no_baselines"):
+        if getattr(args, flag, None):
+            raise UsageError(f"--{flag.replace('_', '-').replace('imports', 'import')}: the {name} preset measures a "
+                             "fixed set (dense and Quest decode against SDPA); it takes no such option")
+    backends = (args.backends or pre.backends).strip()
+    if backends not in ("all", "auto"):
+        for b in _list("--backends", backends):
+            if b not in BACKENDS:
+                raise UsageError(f"--backends: expected 'all', 'auto' or some of {', '.join(BACKENDS)}, got {b!r}")
+    shape = Shape(
+        batch=parse_int("--batch", args.batch, 1) if args.batch else pre.batch,
+        heads_q=parse_int("--heads", args.heads, 1) if args.heads else pre.heads,
+        heads_kv=parse_int("--kv-heads", args.kv_heads, 1) if args.kv_heads else pre.kv_heads,
+        head_dim=parse_int("--head-dim", args.head_dim, 1) if args.head_dim else pre.head_dim,
+    )
+    if shape.heads_q % shape.heads_kv:
+        raise UsageError(f"--kv-heads: expected a divisor of --heads {shape.heads_q}, got {shape.heads_kv}")
+    custom = any(getattr(args, a) for a in ("seqlens", "dtype", "backends"))
+    return Config(
+        preset=f"{name}+custom" if custom else name, device=torch.device(device), methods=["dense", "quest"],
+        seqlens=list(dict.fromkeys(seqlens)),
+        dtypes=parse_dtypes(args.dtype) if args.dtype else parse_dtypes(",".join(pre.dtypes)),
+        workloads=["decode"], shape=shape,
+        warmup=parse_int("--warmup", args.warmup, 0) if args.warmup else pre.warmup,
+        repeats=parse_int("--repeats", args.repeats, 1) if args.repeats else pre.repeats,
+        budget_s=_float("--budget", args.budget) if args.budget else pre.budget,
+        max_minutes=_float("--max-minutes", args.max_minutes) if args.max_minutes else pre.max_minutes,
+        backends=backends, seed=parse_int("--seed", args.seed, 0) if args.seed else 0, study="decode",
+    )
+
+
 def _out_dir(args: argparse.Namespace, config: Any) -> Path:
     out = Path(args.out) if args.out else Path("bench_out") / f"{config.preset.split('+')[0]}-{config.device.type}"
     if out.exists() and not out.is_dir():
@@ -400,7 +444,12 @@ def run(args: argparse.Namespace) -> int:
         doc["command"] = command
         report.write_json(doc, json_path)
 
-    runner = Runner(config, progress=not args.no_progress, checkpoint=checkpoint)
+    if config.study == "decode":
+        from .decode import DecodeRunner
+
+        runner: Any = DecodeRunner(config, progress=not args.no_progress, checkpoint=checkpoint)
+    else:
+        runner = Runner(config, progress=not args.no_progress, checkpoint=checkpoint)
     runner.command = command  # type: ignore[attr-defined]
     print(f"attnkit bench: {runner.plan()} on {config.device.type}; results -> {out}", file=sys.stderr)
     runner.run()

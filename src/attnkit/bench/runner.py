@@ -59,6 +59,7 @@ class Config:
     causal: bool = True
     seed: int = 0
     cache_dir: Optional[str] = None
+    study: str = "prefill"  # "decode": `bench.decode.DecodeRunner` measures it
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -69,7 +70,7 @@ class Config:
             "max_minutes": self.max_minutes,
             "fidelity_max_t": self.fidelity_max_t, "backends": self.backends,
             "overrides": {m: json_options(o) for m, o in self.overrides.items()}, "baselines": self.baselines,
-            "causal": self.causal, "seed": self.seed, "grad": self.backward,
+            "causal": self.causal, "seed": self.seed, "grad": self.backward, "study": self.study,
         }
 
 
