@@ -94,9 +94,9 @@ class DecodeRunner:
 
     def _group(self, dtype: torch.dtype, T: int) -> None:
         s, dev = self.cfg.shape, self.cfg.device
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        k, v = (torch.randn(s.batch, T, s.heads_kv, s.head_dim, generator=gen).to(dev, dtype) for _ in range(2))
-        q = torch.randn(s.batch, 1, s.heads_q, s.head_dim, generator=gen).to(dev, dtype)
+        gen = torch.Generator(device=dev).manual_seed(self.cfg.seed)  # on the device: a long cache is GBs
+        k, v = (torch.randn(s.batch, T, s.heads_kv, s.head_dim, generator=gen, device=dev).to(dtype) for _ in range(2))
+        q = torch.randn(s.batch, 1, s.heads_q, s.head_dim, generator=gen, device=dev).to(dtype)
         scale = s.head_dim ** -0.5
         cache = PagedLayerCache(s.batch, s.heads_kv, s.head_dim, page_size=PAGE_SIZE, dtype=dtype, device=dev,
                                 capacity_tokens=T)
