@@ -19,7 +19,6 @@ import torch
 from ..core.contract import AttnkitError, check_cu_seqlens, plain_scalar
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "fla", "chunk", "reference")
 
 
 def fail(arg: str, expected: str, got: object) -> AttnkitError:
@@ -147,12 +146,6 @@ def num_states(B: int, cu_seqlens: Optional[torch.Tensor]) -> int:
     return B if cu_seqlens is None else cu_seqlens.numel() - 1
 
 
-def check_backend(backend: object) -> str:
-    if backend not in BACKENDS:
-        raise fail("backend", f"one of {list(BACKENDS)}", repr(backend))
-    return backend  # type: ignore[return-value]
-
-
 # --- fla (optional) ---------------------------------------------------------------------------
 
 
@@ -161,30 +154,6 @@ def fla_missing() -> Optional[str]:
     if importlib.util.find_spec("fla") is None:
         return "flash-linear-attention not installed (pip install flash-linear-attention)"
     return None
-
-
-def fla_why_not(q: torch.Tensor) -> Optional[str]:
-    """Why fla's Triton kernels cannot run on these inputs, or None when they can."""
-    missing = fla_missing()
-    if missing:
-        return missing
-    if q.device.type != "cuda":
-        return f"fla runs on cuda, inputs are on {q.device.type}"
-    if q.dtype == torch.float64:
-        return "fla kernels have no float64 path"
-    return None
-
-
-def pick_backend(backend: str, q: torch.Tensor) -> str:
-    """Resolve 'auto' (fla when it can run, else the PyTorch chunked form)."""
-    backend = check_backend(backend)
-    if backend == "auto":
-        return "chunk" if fla_why_not(q) else "fla"
-    if backend == "fla":
-        reason = fla_why_not(q)
-        if reason:
-            raise fail("backend", "a backend that can run these inputs", f"'fla': {reason}")
-    return backend
 
 
 # --- varlen -----------------------------------------------------------------------------------
