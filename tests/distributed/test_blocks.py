@@ -189,7 +189,7 @@ def test_auto_passes_over_a_fused_kernel_that_fails(monkeypatch):
     monkeypatch.setattr(blocks, "_FAILED", {})
     # the fused kernels' records made to accept these CPU float64 inputs, unless they failed here
     fake = tuple(b if b.name == "reference" else
-                 dataclasses.replace(b, devices=("cpu",), dtypes=(torch.float64,),
+                 dataclasses.replace(b, devices=("cpu",), dtypes=(torch.float64,), requires=(),
                                      supports=lambda rect, kind, n=b.name: blocks._FAILED.get((n, rect.device)))
                  for b in blocks.DECLARED)
     monkeypatch.setattr(blocks, "DECLARED", fake)

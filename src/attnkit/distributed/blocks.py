@@ -83,8 +83,6 @@ class Rectangle:
 
 def _fused_supports(kernel: str) -> Check:
     """What the record's data cannot say about fused `kernel` (opts: the rectangle kind)."""
-    limit = 128 if kernel == "cudnn" else 256
-
     def supports(rect: Rectangle, kind: str) -> Optional[str]:
         if (kernel, rect.device) in _FAILED:
             return _FAILED[(kernel, rect.device)]
@@ -92,18 +90,14 @@ def _fused_supports(kernel: str) -> Check:
             return f"{kernel} cannot apply a window/sink mask"
         if kind == CAUSAL and rect.tq != rect.tk:
             return f"{kernel} causal needs Tq == Tk"
-        if rect.head_dim != rect.head_dim_v or rect.head_dim % 8 or rect.head_dim > limit:
-            return f"{kernel} needs D == Dv, a multiple of 8, at most {limit}"
+        if rect.head_dim != rect.head_dim_v or rect.head_dim % 8:
+            return f"{kernel} needs D == Dv, a multiple of 8"
         if rect.device.type != "cuda":
             return None  # the record's devices say it; there is no GPU to ask about
         major, _ = _capability(rect.device)
-        if kernel == "cudnn":
-            if major < 9:
-                return f"cudnn runs on sm90+ here, this GPU is sm{major}x"
-            version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-            if version is None or version < 90000:
-                return f"cudnn attention needs cuDNN >= 9, found {version}"
-        elif major < 8:
+        if kernel == "cudnn" and major < 9:
+            return f"cudnn runs on sm90+ here, this GPU is sm{major}x"
+        if kernel == "flash" and major < 8:
             return f"flash needs sm80+, this GPU is sm{major}x"
         return None
 
@@ -113,8 +107,9 @@ def _fused_supports(kernel: str) -> Check:
 def _declared() -> tuple[Backend, ...]:
     fused = dict(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16))
     return (
-        Backend("cudnn", lambda rect, kind: "cudnn", supports=_fused_supports("cudnn"), **fused),
-        Backend("flash", lambda rect, kind: "flash", supports=_fused_supports("flash"), **fused),
+        Backend("cudnn", lambda rect, kind: "cudnn", supports=_fused_supports("cudnn"), requires=("cudnn",),
+                max_head_dim=128, **fused),
+        Backend("flash", lambda rect, kind: "flash", supports=_fused_supports("flash"), max_head_dim=256, **fused),
         Backend("reference", lambda rect, kind: "reference"),
     )
 

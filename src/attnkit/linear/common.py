@@ -1,4 +1,4 @@
-"""Shared pieces of the linear/recurrent family: validation, varlen packing, fla detection.
+"""Shared pieces of the linear/recurrent family: validation, varlen packing.
 
 Layout follows fla: sequence-first tensors
     q, k: [B, T, H, K]   v: [B, T, H, V]   o: [B, T, H, V]
@@ -10,7 +10,6 @@ sequences. Every error names the argument, what was expected and what was passed
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import Callable, Optional, Sequence
 
@@ -144,16 +143,6 @@ def check_varlen(cu_seqlens: Optional[torch.Tensor], q: torch.Tensor) -> Optiona
 
 def num_states(B: int, cu_seqlens: Optional[torch.Tensor]) -> int:
     return B if cu_seqlens is None else cu_seqlens.numel() - 1
-
-
-# --- fla (optional) ---------------------------------------------------------------------------
-
-
-def fla_missing() -> Optional[str]:
-    """None when flash-linear-attention is importable, else the reason it is not."""
-    if importlib.util.find_spec("fla") is None:
-        return "flash-linear-attention not installed (pip install flash-linear-attention)"
-    return None
 
 
 # --- varlen -----------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from .common import (
     check_state,
     check_varlen,
     fail,
-    fla_missing,
     num_states,
     resolve_scale,
     run_per_sequence,
@@ -106,7 +105,7 @@ def _fla_supports(call: AttentionCall, f: Forms) -> Optional[str]:
 # in preference order; every form has varlen and backward, none a softmax LSE
 DECLARED = (
     Backend("fla", _run_fla, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), lse=False,
-            available=fla_missing, supports=_fla_supports),
+            requires=("fla",), supports=_fla_supports),
     Backend("chunk", _run_chunk, lse=False),
     Backend("reference", _run_reference, lse=False),
 )

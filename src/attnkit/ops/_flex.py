@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..core import availability
 from ..core.contract import AttentionCall
 from ..core.masks import Mask
 from ..core.selection import KVSelection, cdiv
@@ -31,16 +32,8 @@ _MASK_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
 _MASK_CACHE_SIZE = 32
 
 
-def flex_missing() -> Optional[str]:
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the torch build
-        return f"torch.nn.attention.flex_attention unavailable ({exc})"
-    return None
-
-
 def _common_why_not(call: AttentionCall) -> Optional[str]:
-    reason = flex_missing()
+    reason = availability.flex()
     if reason:
         return reason
     if call.device.type != "cuda":

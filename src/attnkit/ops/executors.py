@@ -57,7 +57,8 @@ def selection_backends(select: SelectFn, flex_block: Optional[Callable[[Any], Op
     def triton(call: AttentionCall, opts: Any) -> Any:
         return run_triton(call, select(call, opts))
 
-    backends = [Backend("triton", triton, devices=("cuda",), dtypes=_HALF_AND_SINGLE, supports=_triton_supports)]
+    backends = [Backend("triton", triton, devices=("cuda",), dtypes=_HALF_AND_SINGLE, requires=("triton",),
+                        supports=_triton_supports)]
     if flex_block is not None:
 
         def flex_supports(call: AttentionCall, opts: Any) -> Optional[str]:
@@ -73,7 +74,7 @@ def selection_backends(select: SelectFn, flex_block: Optional[Callable[[Any], Op
             return run_flex_selection(call, select(call, opts), None)
 
         backends.append(Backend("flex", flex, devices=("cuda",), dtypes=_HALF_AND_SINGLE, varlen=False,
-                                   supports=flex_supports))
+                                requires=("flex",), supports=flex_supports))
     backends.append(Backend("reference", reference))
     return tuple(backends)
 
@@ -88,7 +89,7 @@ def mask_backends(make_mask: Callable[[Any], Mask]) -> tuple[Backend, ...]:
         return run_flex_mask(call, make_mask(opts))
 
     return (
-        Backend("flex", flex, devices=("cuda",), dtypes=_HALF_AND_SINGLE, varlen=False,
+        Backend("flex", flex, devices=("cuda",), dtypes=_HALF_AND_SINGLE, varlen=False, requires=("flex",),
                 supports=lambda call, opts: flex_why_not_mask(call, None)),  # type: ignore[arg-type]
         Backend("reference", reference),
     )

@@ -16,9 +16,9 @@ from .dispatch import Backend, Explanation, pick
 
 # opts of a call: (selection, mask)
 DECLARED = (
-    Backend("triton", lambda call, o: run_triton(call, o[0]), auto_devices=("cuda",),
+    Backend("triton", lambda call, o: run_triton(call, o[0]), auto_devices=("cuda",), requires=("triton",),
             supports=lambda call, o: triton_why_not(call, o[0], o[1])),
-    Backend("flex", lambda call, o: run_flex_selection(call, o[0], o[1]), auto_devices=("cuda",),
+    Backend("flex", lambda call, o: run_flex_selection(call, o[0], o[1]), auto_devices=("cuda",), requires=("flex",),
             supports=lambda call, o: flex_why_not_selection(call, o[0], o[1])),
     Backend("reference", lambda call, o: run_reference(call, mask=o[1], selection=o[0])),
 )
