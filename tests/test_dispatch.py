@@ -90,3 +90,12 @@ def test_declared_head_dim_packages_and_setting_are_reasons(monkeypatch):
     needs = dispatch.Backend("needs", lambda c, o: None, requires=("fla",), max_head_dim=8)
     assert needs.reasons(call, None) == ["fla missing here"]  # nothing else asked of what cannot load
     assert needs.unavailable() == "fla missing here"
+
+
+def test_declared_block_multiple_is_a_reason():
+    q = torch.randn(1, 4, 2, 16)
+    call = validate_attention(q, q, q)
+    b = dispatch.Backend("b", lambda c, o: None, block_multiple=128, blocks=lambda o: o)
+    assert b.why_not(call, (128, 256)) is None
+    assert b.why_not(call, (64, 128)) == "blocks 64/128 are not multiples of 128"
+    assert b.why_not(call, None) == "block-level selections only, with blocks a multiple of 128"

@@ -45,17 +45,6 @@ def _common_why_not(call: AttentionCall) -> Optional[str]:
     return None
 
 
-def flex_why_not_selection(call: AttentionCall, selection: KVSelection, mask: Optional[Mask] = None) -> Optional[str]:
-    """None when the flex backend can serve this sparse call, else the reason."""
-    reason = _common_why_not(call)
-    if reason:
-        return reason
-    if selection.q_block % FLEX_BLOCK or selection.k_block % FLEX_BLOCK:
-        return (f"selection blocks (q_block={selection.q_block}, k_block={selection.k_block}) must be multiples "
-                f"of FlexAttention's block size {FLEX_BLOCK}")
-    return None
-
-
 def flex_why_not_mask(call: AttentionCall, mask: Mask) -> Optional[str]:
     return _common_why_not(call)
 

@@ -66,6 +66,7 @@ def measured_order(method: str, call: AttentionCall) -> Optional[tuple[list[str]
 
 Runner = Callable[[AttentionCall, Any], Any]
 Check = Callable[[AttentionCall, Any], Optional[str]]
+Blocks = Callable[[Any], Optional[tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ class Backend:
     `requires`: the kinds of package it needs (keys of `core.availability.CHECKS`: "triton", "flex",
     "fla", "cudnn"); `available()` a further check of its own (None, or why not); `disabled_by`: a
     boolean setting of `attnkit.config` that turns it off when false; `max_head_dim`: the largest
-    head dim (of q/k and of v) it takes. `supports(call, opts)` adds what the data cannot say.
+    head dim (of q/k and of v) it takes; `block_multiple`: the block sizes it takes are multiples of
+    this, `blocks(opts)` giving a call's block sizes (None: not block-level, which it cannot serve).
+    `supports(call, opts)` adds what the data cannot say.
     `auto_devices`: device types where `backend="auto"` may pick it (None: all of `devices`);
     elsewhere it runs only when requested by name (the Triton kernels' CPU interpreter twins)."""
 
@@ -92,6 +95,8 @@ class Backend:
     requires: tuple[str, ...] = ()
     disabled_by: Optional[str] = None
     max_head_dim: Optional[int] = None
+    block_multiple: Optional[int] = None
+    blocks: Optional[Blocks] = None
 
     def unavailable(self) -> Optional[str]:
         """Why this backend cannot run in this environment at all (packages, settings), or None."""
@@ -123,6 +128,12 @@ class Backend:
             out.append(f"dtype {DTYPE_NAMES.get(call.dtype, call.dtype)} not supported (supports {have})")
         if self.max_head_dim is not None and max(call.head_dim, call.head_dim_v) > self.max_head_dim:
             out.append(f"head dim {call.head_dim}/{call.head_dim_v} > {self.max_head_dim}")
+        if self.block_multiple is not None and self.blocks is not None:
+            sizes = self.blocks(opts)
+            if sizes is None:
+                out.append(f"block-level selections only, with blocks a multiple of {self.block_multiple}")
+            elif any(size % self.block_multiple for size in sizes):
+                out.append(f"blocks {'/'.join(map(str, sizes))} are not multiples of {self.block_multiple}")
         if call.return_lse and not self.lse:
             out.append("cannot return the LSE (return_lse=True)")
         if call.varlen and not self.varlen:
