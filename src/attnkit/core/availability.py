@@ -3,7 +3,9 @@ flash-linear-attention (fla), cuDNN attention. Each check returns None, or why n
 
 A `Backend` names the kinds it needs in `requires`, and the dispatcher asks here; kernels and
 executors ask here before importing an optional package. None of these imports the package it
-checks (Triton and fla are found by name), so `import attnkit` stays cheap.
+checks (Triton and fla are found by name), so `import attnkit` stays cheap. The answers are kept
+for the process: a search of `sys.path` costs tens of microseconds, and the dispatcher asks on
+every call.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 
+@functools.lru_cache(maxsize=1)
 def triton() -> Optional[str]:
     """None when Triton can be imported, else the reason."""
     if importlib.util.find_spec("triton") is None:
@@ -32,6 +35,7 @@ def flex() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def fla() -> Optional[str]:
     """None when flash-linear-attention is importable, else the reason."""
     if importlib.util.find_spec("fla") is None:
