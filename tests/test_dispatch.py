@@ -69,3 +69,33 @@ def test_committed_table_names_real_backends():
         names = {b.name for b in get_method(e["method"]).backends}
         assert set(e["order"]) <= names and e["min_t"] <= e["max_t"] and e["evidence"]
         assert set(e.get("order_train", e["order"])) == set(e["order"])
+
+
+def test_declared_head_dim_packages_and_setting_are_reasons(monkeypatch):
+    """A backend's largest head dim, required packages and turning-off setting are data that
+    `why_not` reports, next to every other reason; the package checks live in `core.availability`."""
+    from attnkit import config
+    from attnkit.core import availability
+
+    q = torch.randn(1, 4, 2, 16)
+    call = validate_attention(q, q, q, return_lse=True)
+    b = dispatch.Backend("b", lambda c, o: None, max_head_dim=8, lse=False)
+    assert b.reasons(call, None) == ["head dim 16/16 > 8", "cannot return the LSE (return_lse=True)"]
+    off = dispatch.Backend("off", lambda c, o: None, disabled_by="sparse_keymajor")
+    assert off.why_not(call, None) is None
+    with config.override(sparse_keymajor=False):
+        assert "turned off by the setting sparse_keymajor=False" in off.why_not(call, None)
+    assert set(availability.CHECKS) == {"triton", "flex", "fla", "cudnn"}
+    monkeypatch.setitem(availability.CHECKS, "fla", lambda: "fla missing here")
+    needs = dispatch.Backend("needs", lambda c, o: None, requires=("fla",), max_head_dim=8)
+    assert needs.reasons(call, None) == ["fla missing here"]  # nothing else asked of what cannot load
+    assert needs.unavailable() == "fla missing here"
+
+
+def test_declared_block_multiple_is_a_reason():
+    q = torch.randn(1, 4, 2, 16)
+    call = validate_attention(q, q, q)
+    b = dispatch.Backend("b", lambda c, o: None, block_multiple=128, blocks=lambda o: o)
+    assert b.why_not(call, (128, 256)) is None
+    assert b.why_not(call, (64, 128)) == "blocks 64/128 are not multiples of 128"
+    assert b.why_not(call, None) == "block-level selections only, with blocks a multiple of 128"

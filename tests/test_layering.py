@@ -27,7 +27,8 @@ RANK = {
 # same-rank packages that may import each other (and which way)
 ALLOWED_SIDEWAYS = {("layers", "models"), ("models", "layers"), ("bench", "integrations"), ("integrations", "bench"),
                     ("bench", "cli"), ("cli", "bench"), ("hf", "integrations"),
-                    ("distributed", "api")}  # the distributed blocks run local attention through attnkit.attention
+                    ("distributed", "api"),  # the distributed blocks run local attention through attnkit.attention
+                    ("api", "linear")}  # `explain` answers for the linear family's direct calls
 
 
 def _modules() -> dict[str, Path]:

@@ -88,8 +88,16 @@ def explain(
 
     `method="ops.<op>"` explains an executor called directly (`ops.sparse_attention`,
     `ops.masked_attention`, `ops.dense_attention`): pass the op's own arguments (`selection=`,
-    `mask=`) as keywords."""
+    `mask=`) as keywords. `method="linear.<op>"` explains a linear-family call made directly
+    (`linear.gla`, `linear.kda`, ...): pass its gates and options (`g=`, `beta=`, `initial_state=`,
+    `chunk_size=`) as keywords; those ops are causal and return no LSE."""
     q, k, v = _in_layout(q, k, v, layout)
+    if isinstance(method, str) and method.startswith("linear."):
+        from . import linear
+
+        if not causal or return_lse:
+            raise AttnkitError(f"{'causal' if not causal else 'return_lse'}: {method} is causal only and has no LSE")
+        return linear.explain(method[7:], q, k, v, scale=scale, cu_seqlens=cu_seqlens, backend=backend, **options)
     if isinstance(method, str) and method.startswith("ops."):
         from . import ops
 

@@ -77,15 +77,22 @@ def _info(args: argparse.Namespace) -> int:
     owners += [(f"ops.{name}", mod.DECLARED) for name, mod in
                (("decode_attention", ops.decode), ("dense_attention", ops.dense), ("masked_attention", ops.masked),
                 ("sparse_attention", ops.sparse))]
+    from .distributed import blocks
+    from .linear import dispatch as linear_dispatch
+
+    owners += [("linear.* (direct calls)", linear_dispatch.DECLARED), ("distributed ring blocks", blocks.DECLARED)]
     for owner, backends in owners:
         print(owner)
         for b in backends:
-            reason = b.available() if b.available is not None else None
+            reason = b.unavailable()
             devices = [d for d in b.devices if d in here]
             usable = reason is None and bool(devices)
             why = reason or ("" if devices else f"needs {'/'.join(b.devices)}")
             traits = (f"{'/'.join(b.devices)}; {','.join(DTYPE_NAMES.get(d, str(d)) for d in b.dtypes)}"
-                      f"{'; lse' if b.lse else ''}{'; varlen' if b.varlen else ''}{'; backward' if b.backward else ''}")
+                      f"{'; lse' if b.lse else ''}{'; varlen' if b.varlen else ''}{'; backward' if b.backward else ''}"
+                      f"{f'; head dim <= {b.max_head_dim}' if b.max_head_dim else ''}"
+                      f"{'; needs ' + ','.join(b.requires) if b.requires else ''}"
+                      f"{'; off unless ' + b.disabled_by if b.disabled_by else ''}")
             print(f"  {'yes' if usable else 'no ':<3} {b.name:<12} {traits}{'  -- ' + why if why else ''}")
     return 0
 

@@ -10,6 +10,7 @@ world size 1 (NCCL on the GPU, gloo on the CPU) against single-process attention
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 import pytest
@@ -96,7 +97,7 @@ def test_pick_kernel_order_and_reasons():
     choice = blocks.pick_kernel("auto", cpu, torch.float32, 64, 64, CAUSAL, 8, 8)
     assert choice.name == "reference", choice
     assert [k for k, _ in choice.why_not] == ["cudnn", "flash"], choice.why_not
-    assert "CUDA" in choice.describe(), choice.describe()
+    assert "runs on cuda" in choice.describe() and "fp32 not supported" in choice.describe(), choice.describe()
     assert blocks.pick_kernel("reference", cpu, torch.float32, 64, 64, FULL, 8, 8).name == "reference"
     with pytest.raises(ValueError, match="backend: 'cudnn' cannot run this ring"):
         blocks.pick_kernel("cudnn", cpu, torch.bfloat16, 64, 64, FULL, 8, 8)
@@ -186,7 +187,12 @@ def test_auto_passes_over_a_fused_kernel_that_fails(monkeypatch):
         return real_forward("reference", q, k, v, scale, kind, mask)
 
     monkeypatch.setattr(blocks, "_FAILED", {})
-    monkeypatch.setattr(blocks, "why_not", lambda kernel, device, *rest: blocks._FAILED.get((kernel, device)))
+    # the fused kernels' records made to accept these CPU float64 inputs, unless they failed here
+    fake = tuple(b if b.name == "reference" else
+                 dataclasses.replace(b, devices=("cpu",), dtypes=(torch.float64,), requires=(),
+                                     supports=lambda rect, kind, n=b.name: blocks._FAILED.get((n, rect.device)))
+                 for b in blocks.DECLARED)
+    monkeypatch.setattr(blocks, "DECLARED", fake)
     monkeypatch.setattr(blocks, "_forward", fake_forward)
     blocks._pick.cache_clear()
     try:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from attnkit import kernels
+from attnkit.core import availability
 
 
 def _load_kernels() -> str:
@@ -34,7 +35,7 @@ def _load_kernels() -> str:
 @pytest.fixture(scope="session")
 def kernel_device() -> str:
     """Device the Triton kernels run on in this session: 'cuda', or 'cpu' (interpreter)."""
-    reason = kernels.triton_missing()
+    reason = availability.triton()
     if reason:
         pytest.skip(f"Triton kernels not testable: {reason}")
     dev = _load_kernels()

@@ -13,14 +13,15 @@ import torch
 
 from attnkit.core.contract import validate_attention
 from attnkit.core.selection import KVSelection
+from attnkit.core import availability
 from attnkit.ops import _flex
 
 
 def test_compiled_flex_keeps_compiling_past_the_default_limit() -> None:
     import torch._dynamo.config as dynamo_config
 
-    if _flex.flex_missing():
-        pytest.fail(f"FlexAttention unavailable: {_flex.flex_missing()}")
+    if availability.flex():
+        pytest.fail(f"FlexAttention unavailable: {availability.flex()}")
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     flex = torch.compile(torch.nn.attention.flex_attention.flex_attention, dynamic=False)
     # dynamo's own patch context (not monkeypatch: the config module's aliases do not survive its undo)

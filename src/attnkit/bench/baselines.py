@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..core import availability
+
 Fn = Callable[[], torch.Tensor]
 
 
@@ -76,11 +78,7 @@ _FLEX_COMPILED: dict[str, Any] = {}
 def _flex_why_not(q: torch.Tensor) -> Optional[str]:
     if q.device.type != "cuda":
         return "CUDA only"
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError as e:
-        return f"FlexAttention unavailable: {e}"
-    return None
+    return availability.flex()
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> Fn:

@@ -271,7 +271,7 @@ def _backends(text: str, methods: list[str], device: str) -> tuple[str, list[str
             raise UsageError(f"--backends: no selected method has a backend {n!r} (their backends: {', '.join(known)})")
         if all(device not in b.devices for b in have):
             raise UsageError(f"--backends: {n!r} runs on {'/'.join(have[0].devices)}, the device is {device}")
-        why = have[0].available() if have[0].available is not None else None
+        why = have[0].unavailable()
         if why:
             raise UsageError(f"--backends: {n!r} is not available here: {why}")
     kept = [m for m, s in zip(methods, specs) if any(b.name in names for b in s.backends)]

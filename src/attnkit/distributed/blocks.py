@@ -6,8 +6,9 @@ backward with the global statistics: dS = P * (dP - rowsum(dO * O)) with P = exp
 Every kernel below takes those global statistics, so the ring never re-runs a forward pass in
 its backward.
 
-Kernels, fastest first (`pick_kernel` is the one place that chooses; it looks at the call's
-device, dtype, head dims and rectangle kind, not at tensors, so a shared dispatcher can own it):
+Kernels, fastest first, declared as `ops.dispatch.Backend` records (`DECLARED`) and chosen by the
+one dispatcher through `pick_kernel`, which looks at the call's device, dtype, head dims and
+rectangle kind, not at tensors, so its choice is cached:
 - `cudnn` (CUDA sm90+, fp16/bf16, head dim <= 128): PyTorch's cuDNN attention ops
   `aten._scaled_dot_product_cudnn_attention{,_backward}` with the log-sum-exp requested.
 - `flash` (CUDA sm80+, fp16/bf16, head dim <= 256): PyTorch's FlashAttention-2 ops
@@ -32,10 +33,11 @@ import torch
 from ..core.contract import AttnkitError
 from ..core.masks import Mask
 from ..core.reference import blockwise_attention
+from ..ops.dispatch import Backend, Check
+from ..ops.dispatch import choose as dispatch_choose
 from .pattern import CAUSAL, FULL, PARTIAL
 
 KERNELS = ("auto", "cudnn", "flash", "reference")
-FUSED = ("cudnn", "flash")  # in the order `auto` tries them
 
 
 @dataclass(frozen=True)
@@ -64,32 +66,64 @@ def _capability(device: torch.device) -> tuple[int, int]:
 _FAILED: dict[tuple[str, torch.device], str] = {}
 
 
+@dataclass(frozen=True)
+class Rectangle:
+    """What the dispatcher reads of one rectangle's call (no tensors: choices are cached by it)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+    head_dim_v: int
+    tq: int
+    tk: int
+    return_lse: bool = True  # the ring merges partial results by their LSE
+    varlen: bool = False
+    requires_grad: bool = False  # every kernel has the ring's backward
+
+
+def _fused_supports(kernel: str) -> Check:
+    """What the record's data cannot say about fused `kernel` (opts: the rectangle kind)."""
+    def supports(rect: Rectangle, kind: str) -> Optional[str]:
+        if (kernel, rect.device) in _FAILED:
+            return _FAILED[(kernel, rect.device)]
+        if kind == PARTIAL:
+            return f"{kernel} cannot apply a window/sink mask"
+        if kind == CAUSAL and rect.tq != rect.tk:
+            return f"{kernel} causal needs Tq == Tk"
+        if rect.head_dim != rect.head_dim_v or rect.head_dim % 8:
+            return f"{kernel} needs D == Dv, a multiple of 8"
+        if rect.device.type != "cuda":
+            return None  # the record's devices say it; there is no GPU to ask about
+        major, _ = _capability(rect.device)
+        if kernel == "cudnn" and major < 9:
+            return f"cudnn runs on sm90+ here, this GPU is sm{major}x"
+        if kernel == "flash" and major < 8:
+            return f"flash needs sm80+, this GPU is sm{major}x"
+        return None
+
+    return supports
+
+
+def _declared() -> tuple[Backend, ...]:
+    fused = dict(devices=("cuda",), dtypes=(torch.float16, torch.bfloat16))
+    return (
+        Backend("cudnn", lambda rect, kind: "cudnn", supports=_fused_supports("cudnn"), requires=("cudnn",),
+                max_head_dim=128, **fused),
+        Backend("flash", lambda rect, kind: "flash", supports=_fused_supports("flash"), max_head_dim=256, **fused),
+        Backend("reference", lambda rect, kind: "reference"),
+    )
+
+
+# the kernels in the order `auto` tries them; a record's `run` names its kernel (`forward` and
+# `backward` run it), since a choice is made per rectangle shape and cached, not per tensor
+DECLARED = _declared()
+
+
 def why_not(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int, kind: str,
             tq: int, tk: int) -> Optional[str]:
-    """None if fused `kernel` can run a `kind` rectangle of `tq` queries by `tk` keys, else the reason."""
-    if device.type != "cuda":
-        return f"{kernel} runs on CUDA"
-    if (kernel, device) in _FAILED:
-        return _FAILED[(kernel, device)]
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"{kernel} needs fp16/bf16, got {dtype}"
-    if kind == PARTIAL:
-        return f"{kernel} cannot apply a window/sink mask"
-    if kind == CAUSAL and tq != tk:
-        return f"{kernel} causal needs Tq == Tk"
-    limit = 128 if kernel == "cudnn" else 256
-    if head_dim != head_dim_v or head_dim % 8 or head_dim > limit:
-        return f"{kernel} needs D == Dv, a multiple of 8, at most {limit}"
-    major, _ = _capability(device)
-    if kernel == "cudnn":
-        if major < 9:
-            return f"cudnn runs on sm90+ here, this GPU is sm{major}x"
-        version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-        if version is None or version < 90000:
-            return f"cudnn attention needs cuDNN >= 9, found {version}"
-    elif major < 8:
-        return f"flash needs sm80+, this GPU is sm{major}x"
-    return None
+    """None if `kernel` can run a `kind` rectangle of `tq` queries by `tk` keys, else every reason."""
+    backend = next(b for b in DECLARED if b.name == kernel)
+    return backend.why_not(Rectangle(device, dtype, head_dim, head_dim_v, tq, tk), kind)  # type: ignore[arg-type]
 
 
 def pick_kernel(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int,
@@ -107,19 +141,21 @@ def pick_kernel(requested: str, device: torch.device, dtype: torch.dtype, head_d
 @functools.lru_cache(maxsize=4096)
 def _pick(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, head_dim_v: int,
           kind: str, tq: int, tk: int) -> KernelChoice:
-    """`pick_kernel`, memoised; `_fallible` clears it when a fused kernel fails."""
-    if requested == "reference":
-        return KernelChoice("reference")
-    order = FUSED if requested == "auto" else (requested,)
-    skipped = []
-    for name in order:
-        reason = why_not(name, device, dtype, head_dim, head_dim_v, kind, tq, tk)
-        if reason is None:
-            return KernelChoice(name, tuple(skipped))
-        skipped.append((name, reason))
-    if requested != "auto" and kind != PARTIAL:
-        raise AttnkitError(f"backend: {requested!r} cannot run this ring: {skipped[0][1]}")
-    return KernelChoice("reference", tuple(skipped))
+    """`pick_kernel`, memoised; `_fallible` clears it when a fused kernel fails. The choice is the
+    one dispatcher's (`ops.dispatch.choose`) over `DECLARED`."""
+    if requested not in KERNELS:
+        raise AttnkitError(f"backend: expected one of {list(KERNELS)} for the ring's blocks, got {requested!r}")
+    rect = Rectangle(device, dtype, head_dim, head_dim_v, tq, tk)
+    exp = dispatch_choose("distributed.ring_block", DECLARED, rect, kind, requested)  # type: ignore[arg-type]
+    if requested == "auto":  # every faster kernel passed over, with its reasons
+        skipped = tuple((n, why) for n, ok, why in exp.rows[: [r[0] for r in exp.rows].index(exp.chosen)])
+        return KernelChoice(exp.chosen, skipped)  # type: ignore[arg-type]
+    if exp.chosen is not None:
+        return KernelChoice(exp.chosen)
+    reason = next(why for n, _, why in exp.rows if n == requested)
+    if kind != PARTIAL:
+        raise AttnkitError(f"backend: {requested!r} cannot run this ring: {reason}")
+    return KernelChoice("reference", ((requested, reason),))
 
 
 def choose(requested: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> KernelChoice:
@@ -390,4 +426,4 @@ class GradAccumulator:
 
 
 __all__ = ["CAUSAL", "FULL", "KERNELS", "KernelChoice", "OutputAccumulator", "GradAccumulator", "PARTIAL",
-           "accum_dtype", "backward", "choose", "forward", "merge_", "pick_kernel", "why_not"]
+           "DECLARED", "Rectangle", "accum_dtype", "backward", "choose", "forward", "merge_", "pick_kernel", "why_not"]

@@ -13,13 +13,13 @@ fused gate + top-k, DSA's indexer, Quest's page bounds), `decode` (paged decode)
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from contextlib import contextmanager
 from types import ModuleType
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from .. import config
+from ..core import availability
 
 if TYPE_CHECKING:
     import torch
@@ -27,18 +27,11 @@ if TYPE_CHECKING:
 _STATE: dict[str, object] = {}
 
 
-def triton_missing() -> Optional[str]:
-    """None when Triton can be imported, else the reason."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton)"
-    return None
-
-
 def load() -> ModuleType:
     """Import the sparse-attention op module (and Triton) once; return it."""
     mod = _STATE.get("sparse")
     if mod is None:
-        reason = triton_missing()
+        reason = availability.triton()
         if reason:
             raise RuntimeError(reason)
         _STATE["interpreted"] = config.triton_interpret()
@@ -96,7 +89,7 @@ def loaded() -> bool:
 
 def device_ok(device_type: str) -> Optional[str]:
     """None when the Triton kernels can run on tensors of this device type, else the reason."""
-    reason = triton_missing()
+    reason = availability.triton()
     if reason:
         return reason
     if device_type == "cuda":

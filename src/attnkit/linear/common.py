@@ -1,4 +1,4 @@
-"""Shared pieces of the linear/recurrent family: validation, varlen packing, fla detection.
+"""Shared pieces of the linear/recurrent family: validation, varlen packing.
 
 Layout follows fla: sequence-first tensors
     q, k: [B, T, H, K]   v: [B, T, H, V]   o: [B, T, H, V]
@@ -10,7 +10,6 @@ sequences. Every error names the argument, what was expected and what was passed
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from typing import Callable, Optional, Sequence
 
@@ -19,7 +18,6 @@ import torch
 from ..core.contract import AttnkitError, check_cu_seqlens, plain_scalar
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "fla", "chunk", "reference")
 
 
 def fail(arg: str, expected: str, got: object) -> AttnkitError:
@@ -145,46 +143,6 @@ def check_varlen(cu_seqlens: Optional[torch.Tensor], q: torch.Tensor) -> Optiona
 
 def num_states(B: int, cu_seqlens: Optional[torch.Tensor]) -> int:
     return B if cu_seqlens is None else cu_seqlens.numel() - 1
-
-
-def check_backend(backend: object) -> str:
-    if backend not in BACKENDS:
-        raise fail("backend", f"one of {list(BACKENDS)}", repr(backend))
-    return backend  # type: ignore[return-value]
-
-
-# --- fla (optional) ---------------------------------------------------------------------------
-
-
-def fla_missing() -> Optional[str]:
-    """None when flash-linear-attention is importable, else the reason it is not."""
-    if importlib.util.find_spec("fla") is None:
-        return "flash-linear-attention not installed (pip install flash-linear-attention)"
-    return None
-
-
-def fla_why_not(q: torch.Tensor) -> Optional[str]:
-    """Why fla's Triton kernels cannot run on these inputs, or None when they can."""
-    missing = fla_missing()
-    if missing:
-        return missing
-    if q.device.type != "cuda":
-        return f"fla runs on cuda, inputs are on {q.device.type}"
-    if q.dtype == torch.float64:
-        return "fla kernels have no float64 path"
-    return None
-
-
-def pick_backend(backend: str, q: torch.Tensor) -> str:
-    """Resolve 'auto' (fla when it can run, else the PyTorch chunked form)."""
-    backend = check_backend(backend)
-    if backend == "auto":
-        return "chunk" if fla_why_not(q) else "fla"
-    if backend == "fla":
-        reason = fla_why_not(q)
-        if reason:
-            raise fail("backend", "a backend that can run these inputs", f"'fla': {reason}")
-    return backend
 
 
 # --- varlen -----------------------------------------------------------------------------------

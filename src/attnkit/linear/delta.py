@@ -27,6 +27,9 @@ import torch
 from .common import check_beta, check_flag, check_gate, check_qkv, l2norm
 from .dispatch import as_token, check_common, check_step, run_forms, step_forms
 
+FLA_KDA_MAX_HEAD_DIM = 256  # fla's chunk_kda asserts K <= 256
+
+
 def warn_if_expanding(k: torch.Tensor, beta: torch.Tensor) -> None:
     """Warn when a delta step can expand the state: `I - beta_t k_t k_t^T` has the eigenvalue
     `1 - beta_t ||k_t||^2`, below -1 once `beta ||k||^2 > 2`, and repeated such steps overflow to
@@ -82,9 +85,12 @@ def _delta(
     if not use_qk_l2norm_in_kernel:
         warn_if_expanding(k, beta)
     qn, kn = (l2norm(q), l2norm(k)) if use_qk_l2norm_in_kernel else (q, k)
-    return run_forms(qn, kn, v, g, beta, scale=scale, initial_state=initial_state,
+    op = {None: "linear.delta_rule", "scalar": "linear.gated_delta_rule", "vector": "linear.kda"}[gate]
+    fla_head_dim = FLA_KDA_MAX_HEAD_DIM if gate == "vector" else None
+    return run_forms(qn, kn, v, g, beta, op=op, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                     backend=backend, fla=fla_call)
+                     backend=backend, fla=None if fla_head_dim and K > fla_head_dim else fla_call,
+                     no_fla=f"fla's kda supports head dim K <= {fla_head_dim}, got K={K}")
 
 
 def _delta_step(q, k, v, g, beta, gate, state, scale, use_qk_l2norm_in_kernel):  # type: ignore[no-untyped-def]

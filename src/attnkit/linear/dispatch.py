@@ -1,7 +1,9 @@
 """Run a validated call on one of the family's three forms: fla, PyTorch chunked, recurrent.
 
-Each method module validates its own gates, then hands the tensors here. `backend`:
-`"auto"` (fla when importable and the tensors are on CUDA, else `"chunk"`), `"fla"`,
+Each method module validates its own gates, then hands the tensors here. The forms are backends
+declared as data and chosen by the one dispatcher (`ops.dispatch`), so `attnkit.explain` gives
+every form's reasons for a direct call (`explain` below). `backend`: `"auto"` (fla when
+importable, the tensors are on CUDA and fla has the method's options, else `"chunk"`), `"fla"`,
 `"chunk"` (the PyTorch chunked form) or `"reference"` (the token-by-token recurrence).
 With the environment variable ATTNKIT_LINEAR_COMPILE=1, `"chunk"` on CUDA runs the chunked
 engine through `torch.compile` (see `chunk.engine_for`).
@@ -9,10 +11,14 @@ engine through `torch.compile` (see `chunk.engine_for`).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
+from ..core.contract import AttentionCall, AttnkitError
+from ..ops.dispatch import Backend, Explanation, pick
 from .chunk import engine_for
 from .common import (
     check_chunk_size,
@@ -22,7 +28,6 @@ from .common import (
     check_varlen,
     fail,
     num_states,
-    pick_backend,
     resolve_scale,
     run_per_sequence,
     run_varlen,
@@ -53,6 +58,68 @@ def check_common(
     return scale, cu_seqlens
 
 
+@dataclass(frozen=True)
+class Forms:
+    """What a direct call hands its backend besides q, k, v: the gates, the state and, for fla,
+    the method's own fla call (None with the reason fla has no equivalent of these options)."""
+
+    g: Optional[torch.Tensor]
+    beta: Optional[torch.Tensor]
+    initial_state: Optional[torch.Tensor]
+    chunk_size: int
+    fla: Optional[FlaCall]
+    no_fla: str = "fla has no equivalent of these options"
+
+
+def _run_fla(call: AttentionCall, f: Forms) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    assert f.fla is not None  # `_fla_supports` refused the call otherwise
+    return f.fla(call.scale, call.cu_seqlens)
+
+
+def _run_chunk(call: AttentionCall, f: Forms) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    engine = engine_for(call.q)  # chunk_forward, or torch.compile'd with ATTNKIT_LINEAR_COMPILE on CUDA
+
+    def batched(q, k, v, g, beta, h0):  # type: ignore[no-untyped-def]
+        return engine(q, k, v, g, beta, call.scale, h0, f.chunk_size)
+
+    tokens = [call.q, call.k, call.v, f.g, f.beta]
+    if call.cu_seqlens is None:
+        return batched(*tokens, f.initial_state)
+    return run_varlen(batched, call.cu_seqlens, tokens, f.initial_state)
+
+
+def _run_reference(call: AttentionCall, f: Forms) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def loop(q, k, v, g, beta, h0):  # type: ignore[no-untyped-def]
+        return recurrent_forward(q, k, v, g, beta, call.scale, h0)
+
+    tokens = [call.q, call.k, call.v, f.g, f.beta]
+    if call.cu_seqlens is None:
+        return loop(*tokens, f.initial_state)
+    return run_per_sequence(loop, call.cu_seqlens, tokens, f.initial_state)
+
+
+def _fla_supports(call: AttentionCall, f: Forms) -> Optional[str]:
+    return f.no_fla if f.fla is None else None
+
+
+# in preference order; every form has varlen and backward, none a softmax LSE
+DECLARED = (
+    Backend("fla", _run_fla, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), lse=False,
+            requires=("fla",), supports=_fla_supports),
+    Backend("chunk", _run_chunk, lse=False),
+    Backend("reference", _run_reference, lse=False),
+)
+BACKENDS = tuple(b.name for b in DECLARED)
+
+# set while `explain` runs an op: `run_forms` then stops after choosing, before any computation
+_EXPLAINING: ContextVar[bool] = ContextVar("attnkit_linear_explaining", default=False)
+
+
+class _Chosen(Exception):
+    def __init__(self, exp: Explanation) -> None:
+        self.exp = exp
+
+
 def run_forms(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,6 +127,7 @@ def run_forms(
     g: Optional[torch.Tensor],
     beta: Optional[torch.Tensor],
     *,
+    op: str,
     scale: float,
     initial_state: Optional[torch.Tensor],
     output_final_state: bool,
@@ -67,37 +135,36 @@ def run_forms(
     chunk_size: int,
     backend: str,
     fla: Optional[FlaCall],
+    no_fla: Optional[str] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Dispatch validated inputs (q and k already L2-normalised where asked, except for fla)."""
-    chosen = pick_backend(backend, q)
-    if chosen == "fla" and fla is None and backend == "auto":
-        chosen = "chunk"
-    if chosen == "fla":
-        if fla is None:
-            raise fail("backend", "'chunk' or 'reference' for these options", "'fla' (fla has no equivalent)")
-        o, state = fla(scale, cu_seqlens)
-        return o, (state if output_final_state else None)
-    tokens = [q, k, v, g, beta]
-
-    if chosen == "chunk":
-        engine = engine_for(q)  # chunk_forward, or torch.compile'd with ATTNKIT_LINEAR_COMPILE on CUDA
-
-        def batched(q, k, v, g, beta, h0):  # type: ignore[no-untyped-def]
-            return engine(q, k, v, g, beta, scale, h0, chunk_size)
-
-        if cu_seqlens is None:
-            o, state = batched(*tokens, initial_state)
-        else:
-            o, state = run_varlen(batched, cu_seqlens, tokens, initial_state)
-    else:
-        def loop(q, k, v, g, beta, h0):  # type: ignore[no-untyped-def]
-            return recurrent_forward(q, k, v, g, beta, scale, h0)
-
-        if cu_seqlens is None:
-            o, state = loop(*tokens, initial_state)
-        else:
-            o, state = run_per_sequence(loop, cu_seqlens, tokens, initial_state)
+    """Choose the form of op `op` (`linear.<name>`) and run it on validated inputs (q and k already
+    L2-normalised where asked, except for fla)."""
+    call = AttentionCall(q, k, v, causal=True, scale=scale, cu_seqlens=cu_seqlens, return_lse=False)
+    forms = Forms(g, beta, initial_state, chunk_size, fla, no_fla or Forms.no_fla)
+    chosen, exp = pick(op, DECLARED, call, forms, backend)
+    if _EXPLAINING.get():
+        raise _Chosen(exp)
+    o, state = chosen.run(call, forms)
     return o, (state if output_final_state else None)
+
+
+def explain(op: str, *args: Any, **kwargs: Any) -> Explanation:
+    """Which form `attnkit.linear.<op>(*args, **kwargs)` would run, and why the others would not.
+
+    The op itself runs, up to its choice of form: the same validation and the same dispatch as
+    the call, so the answer cannot drift from what the call does; nothing is computed."""
+    from . import OPS
+
+    if op not in OPS:
+        raise AttnkitError(f"op: expected one of {sorted(OPS)}, got {op!r}")
+    token = _EXPLAINING.set(True)
+    try:
+        OPS[op](*args, **kwargs)
+    except _Chosen as chosen:
+        return chosen.exp
+    finally:
+        _EXPLAINING.reset(token)
+    raise AssertionError(f"linear.{op} returned without choosing a form")  # every op reaches run_forms
 
 
 def as_token(name: str, x: object, B: Optional[int], layout: str, ndim: int) -> torch.Tensor:

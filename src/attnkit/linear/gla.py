@@ -41,7 +41,7 @@ def gla(
         return chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state,
                          output_final_state=output_final_state, cu_seqlens=None if cu is None else cu.long())
 
-    return run_forms(q, k, v, g, None, scale=scale, initial_state=initial_state,
+    return run_forms(q, k, v, g, None, op="linear.gla", scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
                      backend=backend, fla=fla_call)
 

@@ -64,9 +64,10 @@ def linear_attention(
         return chunk_simple_gla(q, k, v, scale=scale, initial_state=initial_state,
                                 output_final_state=output_final_state, cu_seqlens=None if cu is None else cu.long())
 
-    o, state = run_forms(q, k, v, None, None, scale=scale, initial_state=initial_state,
+    o, state = run_forms(q, k, v, None, None, op="linear.linear_attention", scale=scale, initial_state=initial_state,
                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                         backend=backend, fla=None if normalize else fla_call)
+                         backend=backend, fla=None if normalize else fla_call,
+                         no_fla="normalize=True is computed by attnkit (running key sum), not by fla")
     if normalize:
         z = _key_sums(k, cu_seqlens)
         denom = (q.to(z.dtype) * scale * z).sum(-1, keepdim=True) + NORM_EPS

@@ -9,6 +9,7 @@ preference order: `fla` (flash-linear-attention's Triton kernels, CUDA, optional
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -20,10 +21,10 @@ from .common import (
     check_beta,
     check_gate,
     check_state,
-    fla_missing,
     num_states,
 )
-from .delta import delta_rule, gated_delta_rule, kda
+from .delta import FLA_KDA_MAX_HEAD_DIM, delta_rule, gated_delta_rule, kda
+from .dispatch import DECLARED
 from .gla import gla
 from .linear_attn import linear_attention
 from .simple_gla import lightning_attention, simple_gla
@@ -253,21 +254,19 @@ def _fla_supports(method: str) -> Callable[[AttentionCall, Any], Optional[str]]:
     def supports(call: AttentionCall, opts: Any) -> Optional[str]:
         if method == "linear_attention" and opts.normalize:
             return "normalize=True is computed by attnkit (running key sum), not by fla"
-        if method == "kda" and call.head_dim > 256:
-            return f"fla's kda supports head dim K <= 256, got K={call.head_dim}"
+        if method == "kda" and call.head_dim > FLA_KDA_MAX_HEAD_DIM:
+            return f"fla's kda supports head dim K <= {FLA_KDA_MAX_HEAD_DIM}, got K={call.head_dim}"
         return None
 
     return supports
 
 
 def _backends(method: str) -> tuple[Backend, ...]:
-    return (
-        Backend("fla", _runner(method, "fla"), devices=("cuda",),
-                dtypes=(torch.float16, torch.bfloat16, torch.float32), lse=False,
-                available=fla_missing, supports=_fla_supports(method)),
-        Backend("chunk", _runner(method, "chunk"), lse=False),
-        Backend("reference", _runner(method, "reference"), lse=False),
-    )
+    """The direct calls' forms (`dispatch.DECLARED`: same devices, dtypes, packages), run from a
+    registry call; fla's option checks read the method's options."""
+    return tuple(dataclasses.replace(form, run=_runner(method, form.name),
+                                     supports=_fla_supports(method) if form.name == "fla" else None)
+                 for form in DECLARED)
 
 
 _ROWS = [

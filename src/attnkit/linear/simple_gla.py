@@ -53,7 +53,7 @@ def simple_gla(
                                 output_final_state=output_final_state, cu_seqlens=None if cu is None else cu.long())
 
     g_eff = g if g_gamma is None else g_gamma.to(q.device)[None, None, :].expand(B, T, H)
-    return run_forms(q, k, v, g_eff, None, scale=scale, initial_state=initial_state,
+    return run_forms(q, k, v, g_eff, None, op="linear.simple_gla", scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
                      backend=backend, fla=fla_call)
 

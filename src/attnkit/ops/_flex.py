@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..core import availability
 from ..core.contract import AttentionCall
 from ..core.masks import Mask
 from ..core.selection import KVSelection, cdiv
@@ -31,16 +32,8 @@ _MASK_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
 _MASK_CACHE_SIZE = 32
 
 
-def flex_missing() -> Optional[str]:
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the torch build
-        return f"torch.nn.attention.flex_attention unavailable ({exc})"
-    return None
-
-
 def _common_why_not(call: AttentionCall) -> Optional[str]:
-    reason = flex_missing()
+    reason = availability.flex()
     if reason:
         return reason
     if call.device.type != "cuda":
@@ -49,17 +42,6 @@ def _common_why_not(call: AttentionCall) -> Optional[str]:
         return "dtype fp64 not supported (fp16, bf16, fp32)"
     if call.varlen:
         return "no varlen (cu_seqlens) support in the flex backend"
-    return None
-
-
-def flex_why_not_selection(call: AttentionCall, selection: KVSelection, mask: Optional[Mask] = None) -> Optional[str]:
-    """None when the flex backend can serve this sparse call, else the reason."""
-    reason = _common_why_not(call)
-    if reason:
-        return reason
-    if selection.q_block % FLEX_BLOCK or selection.k_block % FLEX_BLOCK:
-        return (f"selection blocks (q_block={selection.q_block}, k_block={selection.k_block}) must be multiples "
-                f"of FlexAttention's block size {FLEX_BLOCK}")
     return None
 
 

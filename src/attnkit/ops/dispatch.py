@@ -1,8 +1,9 @@
 """The one dispatcher: backends declared as data, every reason a backend cannot serve a call, and the
 measured order that `backend="auto"` follows.
 
-A `Backend` declares what it supports as data (devices, dtypes, LSE, varlen, backward, an
-availability check for its packages, and a `supports` check for what the data cannot say), in the
+A `Backend` declares what it supports as data (devices, dtypes, largest head dim, LSE, varlen,
+backward, the kinds of package it requires, checked in `core.availability`, the setting of
+`attnkit.config` that turns it off, and a `supports` check for what the data cannot say), in the
 spirit of xformers' operators. `choose` asks every backend why it cannot serve a call and picks the
 first of the others, in the measured order where the table has one; the `Explanation` it returns is
 what `attnkit.explain` prints.
@@ -25,6 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .. import config
+from ..core import availability
 from ..core.contract import SUPPORTED_DTYPES, AttentionCall, AttnkitError, BackendError
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -63,16 +66,21 @@ def measured_order(method: str, call: AttentionCall) -> Optional[tuple[list[str]
 
 Runner = Callable[[AttentionCall, Any], Any]
 Check = Callable[[AttentionCall, Any], Optional[str]]
+Blocks = Callable[[Any], Optional[tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
 class Backend:
     """One way to run a method or an op, its support declared as data.
 
-    `available()` says whether its packages can run at all (None, or why not); `supports(call,
-    opts)` adds what the data cannot say. `auto_devices`: device types where `backend="auto"` may
-    pick it (None: all of `devices`); elsewhere it runs only when requested by name (the Triton
-    kernels' CPU interpreter twins)."""
+    `requires`: the kinds of package it needs (keys of `core.availability.CHECKS`: "triton", "flex",
+    "fla", "cudnn"); `available()` a further check of its own (None, or why not); `disabled_by`: a
+    boolean setting of `attnkit.config` that turns it off when false; `max_head_dim`: the largest
+    head dim (of q/k and of v) it takes; `block_multiple`: the block sizes it takes are multiples of
+    this, `blocks(opts)` giving a call's block sizes (None: not block-level, which it cannot serve).
+    `supports(call, opts)` adds what the data cannot say.
+    `auto_devices`: device types where `backend="auto"` may pick it (None: all of `devices`);
+    elsewhere it runs only when requested by name (the Triton kernels' CPU interpreter twins)."""
 
     name: str
     run: Runner
@@ -84,13 +92,31 @@ class Backend:
     available: Optional[Callable[[], Optional[str]]] = None
     supports: Optional[Check] = None
     auto_devices: Optional[tuple[str, ...]] = None
+    requires: tuple[str, ...] = ()
+    disabled_by: Optional[str] = None
+    max_head_dim: Optional[int] = None
+    block_multiple: Optional[int] = None
+    blocks: Optional[Blocks] = None
 
-    def reasons(self, call: AttentionCall, opts: Any, requested: bool = True) -> list[str]:
-        """Every reason this backend cannot serve the call (empty: it can)."""
+    def unavailable(self) -> Optional[str]:
+        """Why this backend cannot run in this environment at all (packages, settings), or None."""
+        for kind in self.requires:
+            reason = availability.missing(kind)
+            if reason:
+                return reason
         if self.available is not None:
             reason = self.available()
             if reason:
-                return [reason]  # nothing else can be asked of a backend that cannot load
+                return reason
+        if self.disabled_by is not None and not getattr(config.get(), self.disabled_by):
+            return f"turned off by the setting {self.disabled_by}=False (attnkit.config; docs/flags.md)"
+        return None
+
+    def reasons(self, call: AttentionCall, opts: Any, requested: bool = True) -> list[str]:
+        """Every reason this backend cannot serve the call (empty: it can)."""
+        reason = self.unavailable()
+        if reason:
+            return [reason]  # nothing else can be asked of a backend that cannot load
         out = []
         if call.device.type not in self.devices:
             out.append(f"runs on {'/'.join(self.devices)}, inputs are on {call.device.type}")
@@ -100,6 +126,14 @@ class Backend:
         if call.dtype not in self.dtypes:
             have = ", ".join(DTYPE_NAMES[d] for d in self.dtypes)
             out.append(f"dtype {DTYPE_NAMES.get(call.dtype, call.dtype)} not supported (supports {have})")
+        if self.max_head_dim is not None and max(call.head_dim, call.head_dim_v) > self.max_head_dim:
+            out.append(f"head dim {call.head_dim}/{call.head_dim_v} > {self.max_head_dim}")
+        if self.block_multiple is not None and self.blocks is not None:
+            sizes = self.blocks(opts)
+            if sizes is None:
+                out.append(f"block-level selections only, with blocks a multiple of {self.block_multiple}")
+            elif any(size % self.block_multiple for size in sizes):
+                out.append(f"blocks {'/'.join(map(str, sizes))} are not multiples of {self.block_multiple}")
         if call.return_lse and not self.lse:
             out.append("cannot return the LSE (return_lse=True)")
         if call.varlen and not self.varlen:

@@ -61,23 +61,20 @@ def selection_backends(select: SelectFn, flex_block: Optional[Callable[[Any], Op
     def triton(call: AttentionCall, opts: Any) -> Any:
         return run_triton(call, select(call, opts))
 
-    backends = [Backend("triton", triton, devices=("cuda",), dtypes=_HALF_AND_SINGLE, supports=_triton_supports)]
+    backends = [Backend("triton", triton, devices=("cuda",), dtypes=_HALF_AND_SINGLE, requires=("triton",),
+                        supports=_triton_supports)]
     if flex_block is not None:
 
-        def flex_supports(call: AttentionCall, opts: Any) -> Optional[str]:
-            reason = flex_why_not_mask(call, None)  # type: ignore[arg-type]
-            if reason:
-                return reason
-            bs = flex_block(opts)
-            if bs is None or bs % FLEX_BLOCK:
-                return f"block-level selections with blocks a multiple of {FLEX_BLOCK} only (block_size={bs})"
-            return None
+        def square_blocks(opts: Any) -> Optional[tuple[int, ...]]:
+            bs = flex_block(opts)  # type: ignore[misc]
+            return None if bs is None else (bs,)
 
         def flex(call: AttentionCall, opts: Any) -> Any:
             return run_flex_selection(call, select(call, opts), None)
 
         backends.append(Backend("flex", flex, devices=("cuda",), dtypes=_HALF_AND_SINGLE, varlen=False,
-                                   supports=flex_supports))
+                                requires=("flex",), block_multiple=FLEX_BLOCK, blocks=square_blocks,
+                                supports=lambda call, opts: flex_why_not_mask(call, None)))  # type: ignore[arg-type]
     backends.append(Backend("reference", reference))
     return tuple(backends)
 
@@ -92,7 +89,7 @@ def mask_backends(make_mask: Callable[[Any], Mask]) -> tuple[Backend, ...]:
         return run_flex_mask(call, make_mask(opts))
 
     return (
-        Backend("flex", flex, devices=("cuda",), dtypes=_HALF_AND_SINGLE, varlen=False,
+        Backend("flex", flex, devices=("cuda",), dtypes=_HALF_AND_SINGLE, varlen=False, requires=("flex",),
                 supports=lambda call, opts: flex_why_not_mask(call, None)),  # type: ignore[arg-type]
         Backend("reference", reference),
     )

@@ -13,7 +13,7 @@ from ._flex import flex_why_not_mask, run_flex_mask
 from .dispatch import Backend, Explanation, pick
 
 DECLARED = (
-    Backend("flex", run_flex_mask, auto_devices=("cuda",), supports=flex_why_not_mask),
+    Backend("flex", run_flex_mask, auto_devices=("cuda",), requires=("flex",), supports=flex_why_not_mask),
     Backend("reference", lambda call, mask: run_reference(call, mask=mask)),
 )
 

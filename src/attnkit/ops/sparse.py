@@ -10,16 +10,17 @@ from ..core.contract import AttentionCall, AttnkitError, seq_lengths, validate_a
 from ..core.masks import Mask
 from ..core.selection import KVSelection
 from ._backends import run_reference
-from ._flex import flex_why_not_selection, run_flex_selection
+from ._flex import FLEX_BLOCK, flex_why_not_mask, run_flex_selection
 from ._triton import run_triton, triton_why_not
 from .dispatch import Backend, Explanation, pick
 
 # opts of a call: (selection, mask)
 DECLARED = (
-    Backend("triton", lambda call, o: run_triton(call, o[0]), auto_devices=("cuda",),
+    Backend("triton", lambda call, o: run_triton(call, o[0]), auto_devices=("cuda",), requires=("triton",),
             supports=lambda call, o: triton_why_not(call, o[0], o[1])),
-    Backend("flex", lambda call, o: run_flex_selection(call, o[0], o[1]), auto_devices=("cuda",),
-            supports=lambda call, o: flex_why_not_selection(call, o[0], o[1])),
+    Backend("flex", lambda call, o: run_flex_selection(call, o[0], o[1]), auto_devices=("cuda",), requires=("flex",),
+            block_multiple=FLEX_BLOCK, blocks=lambda o: (o[0].q_block, o[0].k_block),
+            supports=lambda call, o: flex_why_not_mask(call, o[1])),
     Backend("reference", lambda call, o: run_reference(call, mask=o[1], selection=o[0])),
 )
 BACKENDS = tuple(b.name for b in DECLARED)
