@@ -101,6 +101,11 @@ class AttentionCall:
         return any(t.requires_grad for t in (self.q, self.k, self.v))
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every path: float32, or float64 for float64 inputs (the oracle path)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def plain_scalar(value: object) -> object:
     """A numpy scalar or a 0-d tensor (without grad) as the Python number it holds; anything else
     unchanged. `scale=np.float32(0.5)`, `window=np.int64(3)` and `scale=torch.tensor(0.5)` mean

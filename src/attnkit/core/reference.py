@@ -18,14 +18,11 @@ from typing import Optional, Union
 
 import torch
 
+from .contract import compute_dtype
 from .masks import Mask
 from .selection import KVSelection, cdiv
 
 TILE_ELEMS = 1 << 21  # scores per tile (8 MiB in float32): bounds memory, amortises Python overhead
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -162,7 +159,7 @@ def _forward(q, k, v, scale: float, g: _Geometry, cq: int, ck: int):
     """q: [B, Hkv, G, Tq, D], k: [B, Hkv, 1, Tk, D], v: [B, Hkv, 1, Tk, Dv] -> out (compute dtype), lse."""
     B, Hkv, G, Tq, _ = q.shape
     Tk, Dv = k.shape[3], v.shape[4]
-    cd = _compute_dtype(q.dtype)
+    cd = compute_dtype(q.dtype)
     out = torch.empty(B, Hkv, G, Tq, Dv, dtype=cd, device=q.device)
     lse = torch.empty(B, Hkv, G, Tq, dtype=cd, device=q.device)
     kchunks = _chunks(Tk, ck)
@@ -200,7 +197,7 @@ def _backward(q, k, v, out, lse, dout, dlse, scale: float, g: _Geometry, cq: int
     Returns dq, dk, dv in the compute dtype."""
     B, Hkv, G, Tq, _ = q.shape
     Tk = k.shape[3]
-    cd = _compute_dtype(q.dtype)
+    cd = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     dk = torch.zeros(k.shape, dtype=cd, device=q.device)
     dv = torch.zeros(v.shape, dtype=cd, device=q.device)

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ..core.contract import AttnkitError
+from ..core.contract import AttnkitError, compute_dtype
 from ..core.masks import Mask
 from ..core.reference import blockwise_attention
 from ..ops.dispatch import Backend, Check
@@ -50,11 +50,6 @@ class KernelChoice:
     def describe(self) -> str:
         skipped = "; ".join(f"{k}: {r}" for k, r in self.why_not)
         return self.name + (f" ({skipped})" if skipped else "")
-
-
-def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Merge and gradient accumulation dtype: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -266,7 +261,7 @@ def _backward(name: str, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                 do_h, q_h, k_h, v_h, o_h, lse.float().contiguous(), cq, ck, n, m, 0.0, causal, seed, offset,
                 scale=scale)
         return dq.transpose(1, 2), _fold(dk.transpose(1, 2), hkv), _fold(dv.transpose(1, 2), hkv)
-    cd = accum_dtype(q.dtype)
+    cd = compute_dtype(q.dtype)
     with torch.enable_grad():
         qs, ks, vs = (x.detach().requires_grad_(True) for x in (q, k, v))
         ob, lb = blockwise_attention(qs, ks, vs, causal=causal, scale=scale, mask=mask if kind == PARTIAL else None)
@@ -343,7 +338,7 @@ class OutputAccumulator:
 
     def __init__(self, B: int, T: int, H: int, Dv: int, dtype: torch.dtype, device: torch.device) -> None:
         self.shape, self.dtype, self.device = (B, T, H, Dv), dtype, device
-        self.cd = accum_dtype(dtype)
+        self.cd = compute_dtype(dtype)
         self.rows = Rows(T)
         self.direct: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.out: Optional[torch.Tensor] = None
@@ -403,7 +398,7 @@ class GradAccumulator:
 
     def _buffer(self) -> torch.Tensor:
         if self.buf is None:
-            self.buf = torch.zeros(self.shape, dtype=accum_dtype(self.dtype), device=self.device)
+            self.buf = torch.zeros(self.shape, dtype=compute_dtype(self.dtype), device=self.device)
             if self.direct is not None:
                 self.buf += self.direct
                 self.direct = None
@@ -426,4 +421,4 @@ class GradAccumulator:
 
 
 __all__ = ["CAUSAL", "FULL", "KERNELS", "KernelChoice", "OutputAccumulator", "GradAccumulator", "PARTIAL",
-           "DECLARED", "Rectangle", "accum_dtype", "backward", "choose", "forward", "merge_", "pick_kernel", "why_not"]
+           "DECLARED", "Rectangle", "backward", "choose", "forward", "merge_", "pick_kernel", "why_not"]

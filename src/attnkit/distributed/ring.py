@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from ..core.contract import AttnkitError, check_cu_seqlens, validate_attention
+from ..core.contract import AttnkitError, check_cu_seqlens, compute_dtype, validate_attention
 from ..core.masks import Mask
 from . import blocks
 from .comm import Comm, CommStats, dtype_code, dtype_name
@@ -169,7 +169,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse, *sink_kv = ctx.saved_tensors
         comm, sched = ring.comm, ring.sched
         r, W = comm.rank, comm.world
-        cd = blocks.accum_dtype(q.dtype)
+        cd = compute_dtype(q.dtype)
         dout = dout.contiguous()
         dq, dk, dv = blocks.GradAccumulator(q), blocks.GradAccumulator(k), blocks.GradAccumulator(v)
         held = _Held(sched.carried(r, 0), ring.lengths(r), k, v)
@@ -491,7 +491,7 @@ def explain_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int, 
     sched, sink_pass = plan(world, call.tq, layout, causal, windows, sinks, docs)
     token = call.batch * call.hkv * (call.head_dim + call.head_dim_v)
     fwd, bwd = predicted_bytes(sched, sink_pass, rank, token * q.element_size(),
-                               token * torch.empty((), dtype=blocks.accum_dtype(q.dtype)).element_size())
+                               token * torch.empty((), dtype=compute_dtype(q.dtype)).element_size())
     out = RingExplanation(world, rank, steps=sched.steps, forward_bytes=fwd, backward_bytes=bwd)
     calls = [(c, sum(sched.seg_len((rank - t) % world, g) for g in c.k_segs))
              for t in range(sched.steps) for c in sched.calls(rank, t)]

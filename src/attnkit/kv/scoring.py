@@ -12,11 +12,9 @@ from typing import Optional
 
 import torch
 
+from ..core.contract import compute_dtype
+
 TILE_ELEMS = 1 << 21
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def attention_probs_chunks(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor,
@@ -26,7 +24,7 @@ def attention_probs_chunks(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor
     B, Tq, Hq, D = q.shape
     H, N = k.shape[1], k.shape[2]
     G = Hq // H
-    cd = _compute_dtype(q.dtype)
+    cd = compute_dtype(q.dtype)
     kc = k.to(cd).unsqueeze(2)  # [B, Hkv, 1, N, D]
     size = chunk or max(1, TILE_ELEMS // max(1, B * Hq * N))
     for start in range(0, Tq, size):
@@ -47,7 +45,7 @@ def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos:
     """Attention each kept key receives, summed over the queries and the query heads of its KV
     group: `[B, Hkv, N]` float32/64 (H2O's accumulated attention; SnapKV's vote before pooling)."""
     B, H, N = k_pos.shape
-    total = torch.zeros(B, H, N, dtype=_compute_dtype(q.dtype), device=q.device)
+    total = torch.zeros(B, H, N, dtype=compute_dtype(q.dtype), device=q.device)
     for _, p in attention_probs_chunks(q, q_pos, k, k_pos, scale, bias):
         total += p.sum((2, 3))
     return total

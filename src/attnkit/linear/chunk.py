@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
-from .common import compute_dtype
+from ..core.contract import compute_dtype
 
 
 def _to_chunks(x: torch.Tensor, C: int, N: int, dtype: torch.dtype) -> torch.Tensor:
@@ -455,7 +455,7 @@ def _chunk_engine(
     """`chunk_forward` on finite inputs (the engine of the module docstring)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     C = chunk_size
     N = -(-T // C)
     G = state_group_size(N) if group_size is None else group_size

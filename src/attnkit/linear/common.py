@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..core.contract import AttnkitError, check_cu_seqlens, plain_scalar
+from ..core.contract import AttnkitError, check_cu_seqlens, compute_dtype, plain_scalar
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -27,14 +27,9 @@ def fail(arg: str, expected: str, got: object) -> AttnkitError:
 # --- dtypes -----------------------------------------------------------------------------------
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulate in float32, or in float64 for float64 inputs (the oracle path)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`x / sqrt(sum(x^2) + eps)` over the last dim (fla's `use_qk_l2norm_in_kernel`)."""
-    xf = x.to(compute_dtype(x))
+    xf = x.to(compute_dtype(x.dtype))
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 

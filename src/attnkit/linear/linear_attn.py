@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from .common import check_flag, check_qkv, compute_dtype, fail
+from ..core.contract import compute_dtype
+from .common import check_flag, check_qkv, fail
 from .dispatch import check_common, check_step, run_forms, step_forms
 
 NORM_EPS = 1e-10
@@ -21,7 +22,7 @@ NORM_EPS = 1e-10
 
 def _key_sums(k: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
     """z_t = sum of k_s for s <= t within t's sequence: [B, T, H, K] in the compute dtype."""
-    kf = k.to(compute_dtype(k))
+    kf = k.to(compute_dtype(k.dtype))
     z = kf.cumsum(1)
     if cu_seqlens is None:
         return z

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .common import compute_dtype
+from ..core.contract import compute_dtype
 
 
 def recurrent_step(
@@ -59,7 +59,7 @@ def recurrent_forward(
     state [B, H, K, V] (float32, or float64 for float64 inputs)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = compute_dtype(q)
+    dt = compute_dtype(q.dtype)
     S = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
     outs = []
     for t in range(T):

@@ -6,10 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import config
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..core.contract import compute_dtype
 
 
 _HALF = (torch.float16, torch.bfloat16)
