@@ -53,7 +53,8 @@ def _clean_rows(case: Case, p: int) -> int:
     return (rows // qb) * qb if qb > 1 else rows
 
 
-def _assert_attention_under_used_selection(spec, case: Case, out: torch.Tensor, seen, clean: slice) -> None:  # type: ignore[no-untyped-def]
+def _assert_attention_under_used_selection(spec, case: Case, out: torch.Tensor,  # type: ignore[no-untyped-def]
+                                           seen, clean: slice) -> None:
     """Rows `clean` of `out` (a run on changed future keys / values, whose visibility is `seen`) are
     finite and equal the oracle over the case's own keys under that visibility: what they read
     is only keys they may see, whatever selection the changed prompt led to."""
