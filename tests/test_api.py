@@ -63,7 +63,9 @@ def test_list_methods_rows() -> None:
     assert rows["dense"]["backends"] == ["sdpa", "reference"]
     assert rows["sliding_window"]["options"] == ["window", "sinks"]
     assert rows["dense"]["capabilities"] == dict(causal=True, non_causal=True, gqa=True, varlen=True,
-                                                 backward=True, decode=True, lse=True)
+                                                 backward=True, decode=True, lse=True,
+                                                 selection_reads_whole_prompt=False)
+    assert rows["vertical_slash"]["capabilities"]["selection_reads_whole_prompt"]
     for r in rows.values():
         assert (ROOT / r["docs"]).is_file(), f"{r['name']}: docs page {r['docs']} is missing"
 

@@ -78,6 +78,11 @@ class Capabilities:
     backward: bool = True
     decode: bool = True  # Tq != Tk, in particular Tq = 1 against a long key sequence
     lse: bool = True
+    # the selection is estimated from the whole prompt (e.g. from the last queries' attention), so a
+    # later key may change which earlier keys a row attends; it never lets a row attend a key the
+    # causal rule hides from it. The fuzz suite then holds earlier rows to attention under the
+    # selection actually used, instead of to bitwise equality.
+    selection_reads_whole_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,9 @@ class MethodSpec:
     # named variants of the method's own paths for a call, `[(name, on, why)]` (an experimental
     # kernel, a device-dependent one); `attnkit.explain` lists them
     variants: Optional[Callable[[AttentionCall, Any], list[tuple[str, bool, str]]]] = None
+    # a method on its own backends (not the shared executors): its exact visibility for a validated
+    # call as a mask predicate (None: every key the causal rule allows), what the test oracle reads
+    visibility: Optional[Callable[[AttentionCall, Any], Optional[Mask]]] = None
     # "selection" or "mask" when the method runs on the shared executors (its attention is exactly the
     # executor over `select`/`mask`, which the shared test suites check); "" for its own backends
     executor: str = ""

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import attnkit as ak
 from attnkit.core.contract import AttnkitError, validate_attention
 from attnkit.core.oracle import naive_attention
+from attnkit.registry import parse_options
 from attnkit.ops import executors
 
 # integer options redrawn from small ranges (1 and "more than there are" are the edges)
@@ -112,6 +113,20 @@ def captured_visibility() -> Iterator[dict[str, Any]]:
         yield seen
     finally:
         executors.run_reference = original
+
+
+def run_seen(spec: Any, case: Case, **extra: Any) -> tuple[Any, dict[str, Any]]:
+    """Run the case (`extra`: tensors or keyword overrides) and return its result with the visibility
+    it used: what the method handed to `ops.executors`, or, for a method on its own backends, the
+    `spec.visibility` it declares for the same call."""
+    with captured_visibility() as seen:
+        result = case.run(**extra)
+    if seen.get("calls", 0) == 0 and spec.visibility is not None:
+        q, k, v = (extra.get(n, getattr(case, n)) for n in ("q", "k", "v"))
+        call = validate_attention(q, k, v, causal=case.causal, cu_seqlens=case.kwargs["cu_seqlens"])
+        options = {n: x for n, x in case.kwargs.items() if n not in ("method", "causal", "cu_seqlens")}
+        seen["mask"] = spec.visibility(call, parse_options(spec, call, options))
+    return result, seen
 
 
 def softmax_oracle(case: Case, seen: dict[str, Any], compute_dtype: Optional[torch.dtype] = torch.float64):

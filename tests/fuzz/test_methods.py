@@ -8,6 +8,11 @@ it is registered), against float64 oracles written from the definitions:
 - rows that see nothing (causal, Tq > Tk) give 0 and LSE -inf;
 - non-finite containment: a NaN or inf in a future key or value, or in another varlen sequence,
   leaves every row that cannot see it bitwise unchanged.
+
+A method whose selection is estimated from the whole prompt (`Capabilities.selection_reads_whole_prompt`)
+may change which earlier keys a row attends when a future key changes; for it, causality and
+containment say instead that every row that cannot see the changed key stays finite and equals
+attention, over the keys it may see, under the selection the method actually used.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import attnkit as ak
 from attnkit import registry
+from attnkit.core.contract import AttnkitError, validate_attention
 from tests.conftest import assert_close64, assert_close_rule
 
 from .conftest import fuzz
-from .strategies import Case, captured_visibility, cases, linear_oracle, softmax_oracle
+from .strategies import Case, captured_visibility, cases, linear_oracle, run_seen, softmax_oracle
 
 METHODS = registry.methods()
 # methods whose output mixes several softmax passes, with the test that holds them to their own oracle
@@ -46,6 +53,21 @@ def _clean_rows(case: Case, p: int) -> int:
     return (rows // qb) * qb if qb > 1 else rows
 
 
+def _assert_attention_under_used_selection(spec, case: Case, out: torch.Tensor,  # type: ignore[no-untyped-def]
+                                           seen, clean: slice) -> None:
+    """Rows `clean` of `out` (a run on changed future keys / values, whose visibility is `seen`) are
+    finite and equal the oracle over the case's own keys under that visibility: what they read
+    is only keys they may see, whatever selection the changed prompt led to."""
+    got = out[:, clean]
+    assert torch.isfinite(got).all(), f"{spec.name}: a non-finite value reached a row that cannot see it"
+    o64, _ = softmax_oracle(case, seen)
+    if case.q.dtype == torch.float64:
+        assert_close64(got, o64[:, clean], f"{spec.name} rows before the change")
+    else:
+        ob, _ = softmax_oracle(case, seen, compute_dtype=None)
+        assert_close_rule(got, o64[:, clean], ob[:, clean], f"{spec.name} rows before the change")
+
+
 def _first_future(case: Case) -> int:
     """Queries `0 .. Tq - Tk + p - 1` see only keys before `p`; returns a key position `p` (>= 1
     when possible) to perturb, in the second half of the keys."""
@@ -65,12 +87,13 @@ def test_matches_the_float64_oracle(spec, data):
         err = (out.double() - want).abs().max().item() if out.numel() else 0.0
         assert err <= rtol * scale, f"{spec.name}: chunked vs float64 recurrence {err:.3e} > {rtol:.0e} x {scale:.3g}"
         return
-    with captured_visibility() as seen:
-        out, lse = _split(case.run(return_lse=spec.capabilities.lse, backend="reference"))
+    result, seen = run_seen(spec, case, return_lse=spec.capabilities.lse, backend="reference")
+    out, lse = _split(result)
     if spec.name in COMPOSITE:  # not one softmax over one visibility: held to its own oracle
         return
     if seen.get("calls", 0) == 0:
-        assert spec.family == "exact", f"{spec.name}: its reference backend bypassed ops.executors"
+        assert spec.family == "exact" or spec.visibility is not None, (
+            f"{spec.name}: its reference backend bypassed ops.executors and it declares no visibility")
     assert seen.get("calls", 0) <= 1, f"{spec.name}: ran {seen['calls']} softmax passes; add it to COMPOSITE"
     o64, l64 = softmax_oracle(case, seen)
     if case.q.dtype == torch.float64:
@@ -99,12 +122,29 @@ def test_future_keys_do_not_change_earlier_rows(spec, data):
     k, v = case.k.clone(), case.v.clone()
     k[:, p:] = torch.randn_like(k[:, p:]) * 3
     v[:, p:] = torch.randn_like(v[:, p:]) * 3
-    changed, _ = _split(case.run(k=k, v=v))
+    result, seen = run_seen(spec, case, k=k, v=v)
+    changed, _ = _split(result)
+    if spec.capabilities.selection_reads_whole_prompt:
+        _assert_attention_under_used_selection(spec, case, changed, seen, slice(0, rows))
+        return
     assert torch.equal(changed[:, :rows], out[:, :rows]), f"{spec.name}: a row changed when only future keys did"
 
 
+def _takes_queries_past_the_keys(spec) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the method accepts a causal call with Tq > Tk (its leading rows see nothing): `decode`
+    may mean only one query against the keys (a prefill-only method's decode step)."""
+    q, k = torch.zeros(1, 3, 1, 8), torch.zeros(1, 2, 1, 8)
+    torch.manual_seed(0)
+    try:
+        ak.explain(q, k, k, method=spec.name, causal=True, **spec.example(validate_attention(q, k, k, causal=True)))
+    except AttnkitError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("spec", [m for m in METHODS if m.capabilities.causal and m.capabilities.decode
-                                  and m.family != "linear"], ids=lambda m: m.name)
+                                  and m.family != "linear" and _takes_queries_past_the_keys(m)],
+                         ids=lambda m: m.name)
 @given(data=st.data())
 @fuzz(0.5)
 def test_rows_that_see_nothing_give_zero_and_minus_inf(spec, data):
@@ -129,7 +169,9 @@ def test_non_finite_values_stay_where_they_belong(spec, data, bad, where):
         starts = [sum(case.lengths[:i]) for i in range(len(case.lengths))]
         last = max(i for i, n in enumerate(case.lengths) if n)
         p, clean = starts[last] + data.draw(st.integers(0, case.lengths[last] - 1)), slice(0, starts[last])
+        whole_prompt = False  # a selection is per sequence: another sequence's keys never change it
     elif case.causal and T > 1:
+        whole_prompt = spec.capabilities.selection_reads_whole_prompt
         p = data.draw(st.integers(1, T - 1))
         clean = slice(0, _clean_rows(case, p))  # rows whose aligned position (and query block) is before p
     else:
@@ -137,7 +179,11 @@ def test_non_finite_values_stay_where_they_belong(spec, data, bad, where):
     out, _ = _split(case.run())
     x = (case.k if where == "k" else case.v).clone()
     x[0, p, 0, data.draw(st.integers(0, x.shape[-1] - 1))] = bad
-    spoiled, _ = _split(case.run(**{where: x}))
+    result, seen = run_seen(spec, case, **{where: x})
+    spoiled, _ = _split(result)
+    if whole_prompt:
+        _assert_attention_under_used_selection(spec, case, spoiled, seen, clean)
+        return
     assert torch.equal(spoiled[:, clean], out[:, clean]), (
         f"{spec.name}: {bad} in {where} at key {p} changed rows that cannot see it "
         f"(first differing row {int((spoiled[:, clean] != out[:, clean]).flatten(2).any(-1).any(0).nonzero()[0])})")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit.core.contract import AttnkitError, OptionError
+from attnkit.core.contract import AttnkitError, OptionError, validate_attention
 from attnkit.core.oracle import naive_attention
 from attnkit.core.selection import KVSelection
 
@@ -107,6 +107,22 @@ def test_select_mask_is_the_executed_visibility():
     ref, _ = naive_attention(q, k, v, causal=True, mask=mask)
     out = ak.attention(q, k, v, method="token_sparse", backend="reference", **o)
     assert (out - ref).abs().max() < 1e-12, "select()'s mask differs from what the executor runs"
+
+
+def test_declared_visibility_is_the_executed_one_under_varlen():
+    """`SPEC.visibility` (what the registry-wired oracle reads) is, per packed sequence, the mask
+    of the kept tokens; the executor's output equals attention under it."""
+    lengths, o = [7, 0, 12], OPTS[0]
+    T = sum(lengths)
+    q, k, v = qkv(1, T, T, 4, 2, D=8, dtype=torch.float64, seed=3)
+    cs = cu(lengths)
+    call = validate_attention(q, k, v, causal=True, cu_seqlens=cs)
+    mask = ts.SPEC.visibility(call, ts.TokenSparseOptions(**o))
+    ref, lse_ref = naive_attention(q, k, v, causal=True, cu_seqlens=cs, mask=mask)
+    out, lse = ak.attention(q, k, v, method="token_sparse", backend="reference", cu_seqlens=cs, return_lse=True, **o)
+    assert (out - ref).abs().max() < 1e-12, "the declared visibility differs from what the executor runs"
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    assert ts.SPEC.visibility(validate_attention(q[:, -1:], k, v, causal=True), ts.TokenSparseOptions(**o)) is None
 
 
 def test_full_coverage_equals_dense():

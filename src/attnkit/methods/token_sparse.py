@@ -134,12 +134,22 @@ def select(q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, scale: Opti
     call = validate_attention(q, k, k, causal=True, scale=scale)
     opts = TokenSparseOptions(coverage, n_last, sinks, window)
     opts.check_call(call)
-    keep = kept_tokens(call, opts)  # [B, Hq, T]
+    return kept_mask(kept_tokens(call, opts))
+
+
+def kept_mask(keep: torch.Tensor) -> Mask:
+    """`keep [N, Hq, T]` as a mask predicate: query i of head h sees key j iff both are kept for h."""
 
     def fn(b: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return keep[b, h, q_pos] & keep[b, h, k_pos]
 
     return Mask(fn, "token_sparse", head_dependent=True)
+
+
+def visibility(call: AttentionCall, opts: TokenSparseOptions) -> Optional[Mask]:
+    """The exact visibility of a validated call (sequence-local positions under varlen); None for a
+    decode step, which attends densely."""
+    return None if call.tq == 1 else kept_mask(kept_tokens(call, opts))
 
 
 def _example(call: AttentionCall) -> dict[str, Any]:
@@ -153,7 +163,8 @@ SPEC = register(
         paper="Token Sparse Attention (Jo et al., 2026)",
         summary="per head, the tokens covering most of the last queries' attention, gathered into dense attention and scattered back",
         options=TokenSparseOptions,
-        capabilities=Capabilities(non_causal=False),
+        capabilities=Capabilities(non_causal=False, selection_reads_whole_prompt=True),
+        visibility=visibility,
         backends=(
             Backend("sdpa", lambda call, opts: gather_dense_scatter(call, opts, "sdpa"), lse=False),
             Backend("reference", lambda call, opts: gather_dense_scatter(call, opts, "reference")),
