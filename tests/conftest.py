@@ -24,15 +24,10 @@ def _import_triton_for_the_interpreter() -> None:
     so kernels that use the standard library run in the interpreter whatever ran before them."""
     if torch.cuda.is_available() or "triton" in sys.modules or importlib.util.find_spec("triton") is None:
         return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
+    from attnkit import config
+
+    with config.triton_interpret_set():
         import triton.language  # noqa: F401
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 _import_triton_for_the_interpreter()

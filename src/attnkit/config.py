@@ -74,6 +74,12 @@ def from_env(env: Optional[Mapping[str, str]] = None) -> Settings:
     )
 
 
+def default_cache_dir() -> str:
+    """Where cached files go without `ATTNKIT_CACHE_DIR`: `$XDG_CACHE_HOME/attnkit`, else `~/.cache/attnkit`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "attnkit")
+
+
 _current = from_env()
 
 
@@ -101,3 +107,18 @@ def override(**changes: Any) -> Iterator[Settings]:
 def triton_interpret() -> bool:
     """Whether `TRITON_INTERPRET=1` is set now (Triton's switch for its CPU interpreter)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@contextmanager
+def triton_interpret_set() -> Iterator[None]:
+    """`TRITON_INTERPRET=1` for the duration of a `with` block, then as it was: Triton reads it when
+    a kernel is decorated and again when it launches, and no other code should see it."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old

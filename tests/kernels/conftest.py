@@ -7,12 +7,11 @@ folder sees it.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from attnkit import kernels
+from attnkit import config, kernels
 from attnkit.core import availability
 
 
@@ -20,15 +19,8 @@ def _load_kernels() -> str:
     if torch.cuda.is_available():
         kernels.load()
         return "cuda"
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
+    with config.triton_interpret_set():
         kernels.load()
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
     return "cpu"
 
 

@@ -52,8 +52,7 @@ def cache_dir(override: Optional[str] = None) -> Path:
         return Path(override).expanduser()
     if config.get().cache_dir:
         return Path(config.get().cache_dir).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "attnkit"
+    return Path(config.default_cache_dir())
 
 
 def _resolve(name: str) -> Any:

@@ -13,7 +13,6 @@ fused gate + top-k, DSA's indexer, Quest's page bounds), `decode` (paged decode)
 from __future__ import annotations
 
 import importlib
-import os
 from contextlib import contextmanager
 from types import ModuleType
 from typing import TYPE_CHECKING, Iterator, Optional
@@ -72,15 +71,8 @@ def launch_env() -> Iterator[None]:
     if not interpreted():
         yield
         return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
+    with config.triton_interpret_set():
         yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 def loaded() -> bool:
