@@ -231,7 +231,7 @@ def tiny_model(tmp_path_factory, tokenizer) -> Path:
 
 def _args(model: Path, out: Path, *extra: str) -> list[str]:
     return ["accuracy", "--model", str(model), "--lengths", "192,256", "--configs",
-            "sliding_window@0.25,quest@0.5,snapkv@0.125", "--tasks", "single_needle,frequent_words",
+            "sliding_window@0.25,quest@0.5,snapkv@0.125,token_sparse,vertical_slash@0.25", "--tasks", "single_needle,frequent_words",
             "--no-progress", "--out", str(out), *extra]
 
 
@@ -240,7 +240,7 @@ def test_end_to_end_and_resume(tiny_model: Path, tmp_path: Path) -> None:
     assert main(_args(tiny_model, out, "--max-minutes", "0")) == 0  # stops before the first configuration
     doc = json.loads((out / "accuracy.json").read_text())
     assert not validate(doc), validate(doc)[:3]
-    assert {r["status"] for r in doc["rows"]} == {"skipped"} and len(doc["rows"]) == 2 * 4
+    assert {r["status"] for r in doc["rows"]} == {"skipped"} and len(doc["rows"]) == 2 * 6
 
     assert main(_args(tiny_model, out)) == 0  # resumes the empty file: one round
     doc = json.loads((out / "accuracy.json").read_text())
@@ -248,7 +248,8 @@ def test_end_to_end_and_resume(tiny_model: Path, tmp_path: Path) -> None:
     rows = {(r["accuracy"]["config"], r["T"]): r for r in doc["rows"]}
     for T in (192, 256):
         dense, sw, quest = rows[("dense", T)], rows[("sliding_window@0.25", T)], rows[("quest@0.5", T)]
-        for r in (dense, sw, quest):
+        ts, vs = rows[("token_sparse", T)], rows[("vertical_slash@0.25", T)]
+        for r in (dense, sw, quest, ts, vs):
             assert r["status"] == "ok" and r["accuracy"]["samples"] == 2, (r["accuracy"]["config"], r["status"])
             assert r["time_ms"] > 0 and r["accuracy"]["kv_kept_bytes"] > 0
             for rec in r["accuracy"]["records"]:
@@ -256,6 +257,10 @@ def test_end_to_end_and_resume(tiny_model: Path, tmp_path: Path) -> None:
                 assert rec["score"] == score(rec["prediction"], rec["answers"], "number" if number else "word",
                                              None if number else _vocab(tiny_model, rec), rec["truncated"])
         assert 0 < sw["accuracy"]["density"] < 0.75, sw["accuracy"]["density"]
+        # the methods that adapt their pattern to the attention report no density measured on random inputs
+        assert ts["accuracy"]["density"] is None and ts["accuracy"]["fraction"] is None
+        assert ts["options"] == {"coverage": 0.9, "n_last": 64, "sinks": 4, "window": 64}
+        assert vs["options"]["n_vertical"] + vs["options"]["n_slash"] == -(-T // 4)
         assert quest["accuracy"]["fraction"] == pytest.approx(min(1.0, 16 * -(-T // 32) / T))
         # snapkv at 12.5 % of 192-256 tokens keeps fewer tokens than its 32-token observation window: an error row
         snap = rows[("snapkv@0.125", T)]

@@ -106,10 +106,11 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, context_ids: list[int], question_ids: list[int], max_new_tokens: int,
-             handle: Any = None) -> dict[str, Any]:
-    """Greedy answer: the context in one forward, the question in a second one (against the cache
-    the first left, compressed under a KV policy), then one token at a time until a blank line
-    after the answer, the end-of-sequence token or `max_new_tokens`. Returns the text and the times and cache bytes."""
+             handle: Any = None, split: bool = False) -> dict[str, Any]:
+    """Greedy answer: the prompt (context and question) in one forward, or with `split` the context
+    in one forward and the question in a second one against the cache the first left (compressed
+    under a KV policy in between); then one token at a time until a blank line after the answer,
+    the end-of-sequence token or `max_new_tokens`. Returns the text and the times and cache bytes."""
     import time
 
     from ...integrations.hf_kv import cache_argument
@@ -119,13 +120,14 @@ def generate(model: Any, tokenizer: Any, context_ids: list[int], question_ids: l
     eos = set()
     for t in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
         eos.update(t if isinstance(t, (list, tuple)) else [t] if t is not None else [])
-    ctx = torch.tensor([context_ids], device=device)
-    qst = torch.tensor([question_ids], device=device)
+    parts = [context_ids, question_ids] if split else [context_ids + question_ids]
     _sync(device)
     t0 = time.perf_counter()
-    out = model(ctx, use_cache=True, logits_to_keep=1)  # the prompt's logits are not needed, only its cache
-    cache = _cache_of(out)
-    out = model(qst, use_cache=True, logits_to_keep=1, **{arg: cache})
+    cache = None
+    for ids in parts:  # the prompt's logits are not needed, only its cache and the last position's
+        out = model(torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1,
+                    **({} if cache is None else {arg: cache}))
+        cache = _cache_of(out)
     nxt = out.logits[:, -1].argmax(-1)
     _sync(device)
     prefill_s = time.perf_counter() - t0

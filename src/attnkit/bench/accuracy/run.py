@@ -30,10 +30,15 @@ from .scoring import score
 from .tasks import DEPTHS, TASKS, Encoder, Sample, check_tasks, make_sample
 
 RESULTS = "accuracy.json"
-PROTOCOL = ("greedy decoding; the context (chat-template head, preamble, haystack) is one forward pass, the question "
-            "(question, template tail, answer prefix) a second one against the cache the first left (compressed "
-            "by a KV policy, as kvpress's query-agnostic RULER protocol), then one token at a time until a blank line, "
-            "end of sequence or the task's token limit; exact match of the set of answer items after normalisation")
+# prefill methods whose number of selected blocks or tokens follows the attention they estimate
+# (a mass threshold, or columns and diagonals whose blocks overlap by content)
+CONTENT_DENSITY = ("vertical_slash", "xattention", "flexprefill", "token_sparse")
+PROTOCOL = ("greedy decoding; dense attention and the sparse prefill methods prefill the whole prompt in one forward "
+            "pass; under a KV policy the context (chat-template head, preamble, haystack) is one forward pass, the "
+            "question (question, template tail, answer prefix) a second one against the cache the first left, "
+            "compressed in between (kvpress's query-agnostic RULER protocol); then one token at a time until a blank "
+            "line, end of sequence or the task's token limit; exact match of the set of answer items after "
+            "normalisation")
 
 
 @dataclass
@@ -87,14 +92,16 @@ def _median(values: list[float]) -> Optional[float]:
 
 def prefill_density(config: Config, length: int) -> Optional[float]:
     """Fraction of the causally visible (query, key) pairs the prefill method lets through on a
-    `length`-token prompt: measured from its selection on random inputs (one head; content-routed
-    methods pick a fixed number of blocks, so the count does not depend on the inputs)."""
+    `length`-token prompt: measured from its selection on random inputs (one head). Content-routed
+    methods with a fixed number of blocks per query block (`block_topk`, `moba`, `hip`) select
+    about as many on any input; the methods that adapt their pattern to the attention
+    (CONTENT_DENSITY) would give the density of random inputs, not of the model's, so None."""
     from ... import registry
     from ...core.contract import validate_attention
     from ..metrics import visible_pairs_causal
     from ..visibility import resolve
 
-    if config.kind != "prefill":
+    if config.kind != "prefill" or config.name in CONTENT_DENSITY:
         return None
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, length, 1, 64, generator=g)
@@ -115,6 +122,8 @@ def _fraction(config: Config, length: int, kept_fraction: Optional[float], densi
     if config.kind == "dense":
         return 1.0, "everything"
     if config.kind == "prefill":
+        if config.name in CONTENT_DENSITY:
+            return None, "density: follows the model's attention, not measured"
         return density, "density: visible (query, key) pairs of the prompt, measured"
     if config.family == "kv-eviction":
         return kept_fraction, "KV bytes kept after the last step / dense, measured"
@@ -302,7 +311,7 @@ def run(settings: Settings, model: Any = None, tokenizer: Any = None, model_info
                             if settings.device == "cuda":
                                 torch.cuda.reset_peak_memory_stats()
                             gen = lm.generate(model, tokenizer, list(sample.context_ids), list(sample.question_ids),
-                                              sample.max_new_tokens, handle)
+                                              sample.max_new_tokens, handle, split=config.kind == "kv")
                             peak = torch.cuda.max_memory_allocated() if settings.device == "cuda" else None
                             results.add(config, length, sample, gen, peak)
                             progress.step(f"{t} {gen['prediction']!r:.30}")

@@ -121,8 +121,8 @@ def _number(rng: random.Random, digits: int) -> str:
 
 
 def _keys(rng: random.Random, n: int) -> list[str]:
-    pairs = rng.sample([(a, b) for a in _ADJECTIVES for b in _NOUNS], n)
-    return [f"{a}-{b}" for a, b in pairs]
+    """`n` keys `adjective-noun` sharing no word, so no key's tail matches another's."""
+    return [f"{a}-{b}" for a, b in zip(rng.sample(_ADJECTIVES, n), rng.sample(_NOUNS, n))]
 
 
 def _haystack(enc: Encoder, n_tokens: int) -> tuple[list[int], list[int]]:
@@ -179,7 +179,12 @@ _NIAH_PREAMBLE = ("Some special magic numbers are hidden within the following te
 
 
 def _needle(key: str, value: str) -> str:
-    return f"One of the special magic numbers for {key} is: {value}."
+    return f"The special magic number for {key} is: {value}."
+
+
+def _needle_answer(key: str) -> str:
+    """The answer prefix: the needle up to its value, so the answer continues a sentence the text holds."""
+    return f"The special magic number for {key} is:"
 
 
 def single_needle(enc: Encoder, rng: random.Random, length: int, index: int, digits: int = 7) -> dict[str, Any]:
@@ -187,7 +192,7 @@ def single_needle(enc: Encoder, rng: random.Random, length: int, index: int, dig
     depth = DEPTHS[index % len(DEPTHS)]
     ctx, q = _assemble(enc, length, _NIAH_PREAMBLE, [(depth, _needle(key, value))],
                        f"What is the special magic number for {key} mentioned in the provided text?",
-                       f"The special magic number for {key} mentioned in the provided text is")
+                       _needle_answer(key))
     return dict(context_ids=ctx, question_ids=q, answers=(value,), kind="number", depth=depth,
                 max_new_tokens=digits + 4)
 
@@ -202,7 +207,7 @@ def multi_key(enc: Encoder, rng: random.Random, length: int, index: int, keys: i
     facts.sort(key=lambda f: f[0])
     ctx, q = _assemble(enc, length, _NIAH_PREAMBLE, facts,
                        f"What is the special magic number for {names[0]} mentioned in the provided text?",
-                       f"The special magic number for {names[0]} mentioned in the provided text is")
+                       _needle_answer(names[0]))
     return dict(context_ids=ctx, question_ids=q, answers=(values[0],), kind="number", depth=depth,
                 max_new_tokens=digits + 4)
 
@@ -216,11 +221,16 @@ def multi_value(enc: Encoder, rng: random.Random, length: int, index: int, value
         if v not in nums:
             nums.append(v)
     depths = sorted(rng.random() for _ in nums)
-    ctx, q = _assemble(enc, length, _NIAH_PREAMBLE, [(d, _needle(key, v)) for d, v in zip(depths, nums)],
-                       f"What are all the special magic numbers for {key} mentioned in the provided text?",
-                       f"The special magic numbers for {key} mentioned in the provided text are")
+    count = _COUNTS.get(values, str(values))
+    ctx, q = _assemble(enc, length, _NIAH_PREAMBLE,
+                       [(d, f"One of the special magic numbers for {key} is: {v}.") for d, v in zip(depths, nums)],
+                       f"What are the {count} special magic numbers for {key} mentioned in the provided text?",
+                       f"The {count} special magic numbers for {key} are:")
     return dict(context_ids=ctx, question_ids=q, answers=tuple(nums), kind="number",
                 max_new_tokens=values * (digits + 4) + 8)
+
+
+_COUNTS = {2: "two", 3: "three", 4: "four"}
 
 
 def _names(rng: random.Random, n: int) -> list[str]:
@@ -232,7 +242,7 @@ def _names(rng: random.Random, n: int) -> list[str]:
     return out
 
 
-def variable_tracking(enc: Encoder, rng: random.Random, length: int, index: int, hops: int = 1, chains: int = 2,
+def variable_tracking(enc: Encoder, rng: random.Random, length: int, index: int, hops: int = 1, chains: int = 1,
                       digits: int = 5) -> dict[str, Any]:
     """`chains` chains of `hops` assignments each (`VAR A = 12345.`, `VAR B = VAR A.`, ...), each in
     order through the haystack; the question asks for the value of the last variable of the first
@@ -270,7 +280,7 @@ def _made_up_words(rng: random.Random, n: int) -> list[str]:
 
 
 def frequent_words(enc: Encoder, rng: random.Random, length: int, index: int, top: int = 1, vocab: int = 60,
-                   alpha: float = 2.0) -> dict[str, Any]:
+                   alpha: float = 3.0) -> dict[str, Any]:
     """A list of made-up words drawn from a Zipf law (`p(rank r) ~ r^-alpha` over `vocab` words,
     ranks shuffled); the answer is the `top` most frequent. Drawing stops when the length is
     reached, so the answer is read off the actual counts (ties broken by resampling)."""
