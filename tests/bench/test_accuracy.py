@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from attnkit.bench.accuracy import TASKS, make_sample, normalize, parse_configs, score
-from attnkit.bench.accuracy.configs import parse_config
+from attnkit.bench.accuracy.configs import ESTIMATED, PROFILES, parse_config
 from attnkit.bench.accuracy.scoring import items
 from attnkit.bench.accuracy.tasks import DEPTHS, Encoder
 from attnkit.bench.schema import validate
@@ -110,14 +110,28 @@ def test_multi_key_target_once_among_distractors(tokenizer, enc) -> None:
         assert _count(ctx, s.answers[0]) == 1
         question = _text(tokenizer, s.question_ids)
         assert _count(question, s.answers[0]) == 0, "the question gives the answer away"
+        keys = re.findall(r"number for ([a-z]+) - ([a-z]+) is", ctx)
+        words = [w for k in keys for w in k]
+        assert len(keys) == 4 and len(set(words)) == 8, f"distractor keys share a word with another key: {keys}"
+
+
+@pytest.mark.parametrize("task", ["single_needle", "multi_key"])
+def test_answer_prefix_continues_the_needle(tokenizer, enc, task: str) -> None:
+    """The answer prefix is the asked needle up to its value, so the answer is the continuation of
+    a sentence of the context (and the value follows it there)."""
+    s = make_sample(enc, task, 512, 2)
+    ctx, question = _text(tokenizer, s.context_ids), _text(tokenizer, s.question_ids)
+    prefix = re.search(r"(the special magic number for \S+ - \S+ is :)$", question.strip()).group(1)
+    assert ctx.count(prefix + " " + s.answers[0]) == 1, f"{prefix!r} + the answer is not a sentence of the context"
 
 
 def test_multi_value_every_value_once(tokenizer, enc) -> None:
     s = make_sample(enc, "multi_value", 512, 2)
     ctx = _text(tokenizer, s.context_ids)
-    assert len(s.answers) >= 2 and len(set(s.answers)) == len(s.answers)
+    assert len(s.answers) == 2 and len(set(s.answers)) == len(s.answers)
     for v in s.answers:
         assert _count(ctx, v) == 1, f"value {v} appears {_count(ctx, v)} times"
+    assert "the two special magic numbers" in _text(tokenizer, s.question_ids), "the question states the count"
 
 
 @pytest.mark.parametrize("index", range(3))
@@ -136,7 +150,8 @@ def test_variable_tracking_chain_leads_to_the_answer(tokenizer, enc, index: int)
         name, hops = m.group(2), hops + 1
     assert m.group(3) == s.answers[0] and hops == 1, (m.group(3), s.answers, hops)
     assert _count(ctx, s.answers[0]) == 1
-    assert len(re.findall(r"var [a-z]{5} = \d+", ctx)) == 2, "expected one distractor chain"
+    assert len(re.findall(r"var [a-z]{5} = \d+", ctx)) == 1, "expected one chain (no distractor chain)"
+    assert len(re.findall(r"var [a-z]{5} =", ctx)) == 2, "expected one hop"
 
 
 def test_frequent_words_answer_is_the_strict_mode(tokenizer, enc) -> None:
@@ -206,6 +221,20 @@ def test_config_parsing() -> None:
     cs = parse_configs(["snapkv", "moba@0.25", "power", "dense"])
     assert [c.label for c in cs] == ["dense", "snapkv@0.125", "snapkv@0.25", "snapkv@0.5", "moba@0.25", "power"]
     assert cs[4].options(4096) == {"block_size": 64, "topk": 16}
+    # a group: its budgeted members at the budget, the unbudgeted ones once at their papers' thresholds
+    est = parse_configs(["estimated@0.25"])
+    assert [c.label for c in est] == ["dense", "vertical_slash@0.25", "xattention", "flexprefill", "token_sparse",
+                                      "hip@0.25"]
+    vs, xa, hip = est[1].options(4096), est[2].options(4096), est[5].options(4096)
+    assert vs["n_vertical"] + vs["n_slash"] == 1024 and vs["n_vertical"] == round(1024 * 1000 / 7096)
+    assert xa == {"block_size": 128, "stride": 8, "threshold": 0.9}
+    assert hip == {"block_size": 64, "topk": 16, "sinks": 1, "local": 1}
+    assert [c.label for c in parse_configs(["kv-reader@0.5"])] == ["dense", "quest@0.5", "recycled@0.5", "santa@0.5"]
+    for text in ("xattention@0.5", "power@0.25", "dense@0.5"):
+        with pytest.raises(OptionError, match="takes no budget"):
+            parse_config(text)
+    full = {c.name for c in parse_configs(list(PROFILES["full"].configs))}
+    assert set(ESTIMATED) <= full, "the full profile runs every estimated-pattern prefill method"
     with pytest.raises(OptionError, match="not applicable"):
         parse_config("nsa")
     with pytest.raises(OptionError, match=r"\(0, 1\]"):
@@ -289,3 +318,17 @@ def test_cli_errors(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert "not applicable" in capsys.readouterr().err
     assert main(["accuracy", "--model", str(tiny_model), "--lengths", "2x", "--out", str(tmp_path)]) == 2
     assert "lengths" in capsys.readouterr().err
+
+
+def test_one_pass_and_split_prefill_agree_under_dense(tiny_model: Path, tokenizer) -> None:
+    """Dense attention and the prefill methods prefill the prompt in one pass, KV policies in two
+    (context, then question against the compressed cache): with exact attention both give the
+    same answer and the same cache."""
+    from attnkit.bench.accuracy import model as lm
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    s = make_sample(Encoder(tokenizer), "single_needle", 256, 0)
+    one = lm.generate(m, tokenizer, list(s.context_ids), list(s.question_ids), 6, split=False)
+    two = lm.generate(m, tokenizer, list(s.context_ids), list(s.question_ids), 6, split=True)
+    assert one["new_tokens"] == two["new_tokens"] > 0 and one["prediction"] == two["prediction"]
+    assert one["kv_kept_bytes"] == two["kv_kept_bytes"] > 0
