@@ -23,9 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quick", action="store_true", help="CPU, fp32, T=1K,2K, one sample per task, five configurations "
                                                         "at 25 %% (the default)")
     g.add_argument("--full", action="store_true", help="CUDA, bf16, T=1K..8K, every applicable configuration at "
-                                                       "12.5/25/50 %%, rounds of samples until --max-minutes")
-    p.add_argument("--configs", help="comma-separated: NAME (every budget) or NAME@BUDGET, e.g. "
-                                     "sliding_window@0.25,snapkv,power (dense always runs)")
+                                                       "12.5/25/50 %% (vertical_slash, hip: 12.5/25 %%; xattention, "
+                                                       "flexprefill, token_sparse: their papers' thresholds), rounds "
+                                                       "of samples until --max-minutes")
+    p.add_argument("--configs", help="comma-separated: NAME (every budget) or NAME@BUDGET, or a group (prefill, "
+                                     "estimated, kv-eviction, kv-reader), e.g. sliding_window@0.25,snapkv,power,"
+                                     "estimated@0.25 (dense always runs)")
     p.add_argument("--tasks", help="comma-separated task names (default: all five)")
     p.add_argument("--lengths", help="comma-separated prompt lengths in tokens, e.g. 1K,4K")
     p.add_argument("--samples", type=int, help="samples per task and length")
