@@ -11,7 +11,9 @@ with the kernels of `querymajor`:
   `k_block < 16` (DSA's token-level keys, `k_block == 1`);
 - key-major (`keymajor`): token mode with fewer than 8 query heads per selection row and KV
   head (MoBA's `Hsel == Hq`) and contiguous key blocks: a program owns a key block and gathers the
-  queries that selected it (`ATTNKIT_SPARSE_KEYMAJOR=0` turns it off).
+  queries that selected it (`ATTNKIT_SPARSE_KEYMAJOR=0` turns it off); `keymajor_windowed` is the
+  same traversal with token-windowed cells, a counting-sort entry list and persistent programs,
+  chosen instead by the `sparse_keymajor_windowed` setting.
 
 The ops work on packed tensors (`[T_total, H, D]` with `cu_q`, `cu_k`); `sparse_attention` packs a
 batch (a view), runs the op and unpacks. `attnkit::sparse_attn_fwd` returns `(out, lse)`, its
@@ -29,7 +31,7 @@ import triton
 
 from .. import launch_env as _launch_env
 from ..jit import dot_precision, pow2
-from . import keymajor
+from . import keymajor, keymajor_windowed
 from . import querymajor as kern
 from .plan import (TilePlan, block_candidates, heads_per_tile, hsel_divisor, pick_config,  # noqa: F401
                    plan_query_tiles, tuned_configs)
@@ -37,6 +39,11 @@ from ...core.contract import AttnkitError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
+
+
+def _keymajor_module():
+    """The key-major variant the settings pick (`keymajor`, or `keymajor_windowed`)."""
+    return keymajor_windowed if keymajor_windowed.enabled() else keymajor
 
 
 def _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scale, max_k=None):
@@ -49,7 +56,8 @@ def _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scal
     if tq == 0 or n == 0:
         return out, lse
     if max_k is not None and keymajor.uses_keymajor(hq, hkv, hsel, q_block, k_block):
-        return keymajor.forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale)
+        return _keymajor_module().forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal,
+                                          scale)
     p = plan_query_tiles(hq, hkv, hsel, q_block, k_block, d)
 
     def launch(cfg):
@@ -104,8 +112,8 @@ def _backward(do, q, k, v, out, lse, dlse, indices, cu_q, cu_k, max_q, max_k, q_
     if dlse is not None:
         delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
     if tq > 0 and n > 0 and keymajor.uses_keymajor(hq, hkv, hsel, q_block, k_block):
-        return keymajor.backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
-                                 causal, scale)
+        return _keymajor_module().backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block,
+                                           k_block, causal, scale)
     dq = torch.empty_like(q)
     g = hq // hkv
     div = hsel_divisor(hq, hkv, hsel)

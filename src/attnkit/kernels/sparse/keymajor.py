@@ -207,6 +207,84 @@ def _lse_base2(LSE, lrow, ev):
 
 
 @triton.jit
+def _lse_item(Q, kT, LSE_E, ORDER, lo, hi, q_start, kn, kvalid, shift, sub, stride_qt, stride_qh, HQ, TPAD, S, N_SUB,
+              qk_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Pass a over one work item (entries lo..hi of a cell, key tile kT [BLOCK_D, BLOCK_N]): each
+    entry's logsumexp over the tile into `LSE_E[pos * N_SUB + sub]`."""
+    for e0 in range(lo, hi, BLOCK_M):
+        ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
+        q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
+        s = mm(q, kT, DOT_PREC) * qk_scale
+        s = tl.where(_entry_visible(ev, kvalid, kn, tq, shift, CAUSAL), s, float("-inf"))
+        m = tl.reduce(s, 1, max_combine)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.reduce(tl.math.exp2(s - m_safe[:, None]), 1, sum_combine)
+        empty = l == 0.0
+        lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l))) * 0.6931471805599453)
+        tl.store(LSE_E + pos * N_SUB + sub, lse, mask=ev)
+
+
+@triton.jit
+def _out_item(Q, kT, v, OACC, LSE, ORDER, lo, hi, q_start, kn, kvalid, shift, stride_qt, stride_qh, stride_ot,
+              stride_oh, stride_lh, HQ, TPAD, S, qk_scale, D: tl.constexpr, DV: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Pass c over one work item: `exp(S - lse) @ V` added with float32 atomics into OACC rows."""
+    dvr = tl.arange(0, BLOCK_DV)
+    for e0 in range(lo, hi, BLOCK_M):
+        ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
+        q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
+        lse2 = _lse_base2(LSE, head.to(tl.int64) * stride_lh + tok64, ev)
+        s = mm(q, kT, DOT_PREC) * qk_scale
+        vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
+        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+        o = mm(p.to(v.dtype), v, DOT_PREC)
+        tl.atomic_add(OACC + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dvr[None, :], o,
+                      mask=ev[:, None] & (dvr[None, :] < DV), sem="relaxed")
+
+
+@triton.jit
+def _bwd_item(Q, K, V, DO, DQ, DK_PTR, DV_PTR, LSE, DELTA, ORDER, hk, lo, hi, q_start, kn, kvalid, kn64, shift,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+              stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+              HQ, TPAD, S, qk_scale, sm_scale,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Backward over one work item: dK / dV of the key tile summed over the item's entries and added
+    once; dQ rows (`dS @ K * scale`) added per step; all float32 atomics."""
+    d = tl.arange(0, BLOCK_D)
+    dvr = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + kn64[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                mask=kvalid[:, None] & (d[None, :] < D), other=0.0)
+    v = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + dvr[None, :],
+                mask=kvalid[:, None] & (dvr[None, :] < DV), other=0.0)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
+    for e0 in range(lo, hi, BLOCK_M):
+        ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
+        q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
+        do = _gather_rows(DO, tok64, head, ev, stride_dot, stride_doh, BLOCK_DV, DV)
+        lrow = head.to(tl.int64) * stride_lh + tok64
+        lse2 = _lse_base2(LSE, lrow, ev)
+        delta = tl.load(DELTA + lrow, mask=ev, other=0.0)
+        s = mm(q, tl.trans(k), DOT_PREC) * qk_scale
+        vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
+        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dv += mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
+        dp = mm(do, tl.trans(v), DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC)
+        dq = mm(ds.to(k.dtype), k, DOT_PREC) * sm_scale
+        tl.atomic_add(DQ + tok64[:, None] * stride_dqt + head[:, None] * stride_dqh + d[None, :], dq,
+                      mask=ev[:, None] & (d[None, :] < D), sem="relaxed")
+    tl.atomic_add(DK_PTR + kn64[:, None] * stride_dkt + hk * stride_dkh + d[None, :], dk * sm_scale,
+                  mask=kvalid[:, None] & (d[None, :] < D), sem="relaxed")
+    tl.atomic_add(DV_PTR + kn64[:, None] * stride_dvt + hk * stride_dvh + dvr[None, :], dv,
+                  mask=kvalid[:, None] & (dvr[None, :] < DV), sem="relaxed")
+
+
+@triton.jit
 def _fwd_lse_kernel(
     Q, K, ORDER, OFF, WOFF, WCELL, LSE_E, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh,
@@ -221,17 +299,8 @@ def _fwd_lse_kernel(
         d = tl.arange(0, BLOCK_D)
         kT = tl.load(K + kn64[None, :] * stride_kt + hk * stride_kh + d[:, None],
                      mask=kvalid[None, :] & (d[:, None] < D), other=0.0)
-        for e0 in range(lo, hi, BLOCK_M):
-            ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
-            q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
-            s = mm(q, kT, DOT_PREC) * qk_scale
-            s = tl.where(_entry_visible(ev, kvalid, kn, tq, shift, CAUSAL), s, float("-inf"))
-            m = tl.reduce(s, 1, max_combine)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            l = tl.reduce(tl.math.exp2(s - m_safe[:, None]), 1, sum_combine)
-            empty = l == 0.0
-            lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l))) * 0.6931471805599453)
-            tl.store(LSE_E + pos * N_SUB + sub, lse, mask=ev)
+        _lse_item(Q, kT, LSE_E, ORDER, lo, hi, q_start, kn, kvalid, shift, sub, stride_qt, stride_qh, HQ, TPAD, S,
+                  N_SUB, qk_scale, D, BLOCK_D, BLOCK_M, CAUSAL, DOT_PREC)
 
 
 @triton.jit
@@ -247,19 +316,10 @@ def _fwd_out_kernel(
     work, hk, lo, hi, q_start, kn, kvalid, kn64, shift = _key_range(tl.program_id(0), sub, WCELL, OFF, WOFF, CU_Q,
                                                                     CU_K, CELLS, NKB, HKV, k_block, BLOCK_N, CHUNK)
     if work:
-        dvr = tl.arange(0, BLOCK_DV)
         kT, v = _key_tile(kn64, kvalid, K + hk * stride_kh, V + hk * stride_vh, stride_kt, stride_vt,
                           BLOCK_D, BLOCK_DV, D, DV)
-        for e0 in range(lo, hi, BLOCK_M):
-            ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
-            q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
-            lse2 = _lse_base2(LSE, head.to(tl.int64) * stride_lh + tok64, ev)
-            s = mm(q, kT, DOT_PREC) * qk_scale
-            vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
-            p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
-            o = mm(p.to(v.dtype), v, DOT_PREC)
-            tl.atomic_add(OACC + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dvr[None, :], o,
-                          mask=ev[:, None] & (dvr[None, :] < DV), sem="relaxed")
+        _out_item(Q, kT, v, OACC, LSE, ORDER, lo, hi, q_start, kn, kvalid, shift, stride_qt, stride_qh, stride_ot,
+                  stride_oh, stride_lh, HQ, TPAD, S, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, DOT_PREC)
 
 
 @triton.jit
@@ -272,41 +332,15 @@ def _bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One program: a key tile of one KV head and a chunk of the entries that selected its block.
-    dK/dV of the tile are summed over the chunk and added once; dQ rows are added per step."""
+    """One program: a key tile of one KV head and a chunk of the entries that selected its block."""
     sub = tl.program_id(1)
     work, hk, lo, hi, q_start, kn, kvalid, kn64, shift = _key_range(tl.program_id(0), sub, WCELL, OFF, WOFF, CU_Q,
                                                                     CU_K, CELLS, NKB, HKV, k_block, BLOCK_N, CHUNK)
     if work:
-        d = tl.arange(0, BLOCK_D)
-        dvr = tl.arange(0, BLOCK_DV)
-        k = tl.load(K + kn64[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                    mask=kvalid[:, None] & (d[None, :] < D), other=0.0)
-        v = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + dvr[None, :],
-                    mask=kvalid[:, None] & (dvr[None, :] < DV), other=0.0)
-        dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
-        dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
-        for e0 in range(lo, hi, BLOCK_M):
-            ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
-            q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
-            do = _gather_rows(DO, tok64, head, ev, stride_dot, stride_doh, BLOCK_DV, DV)
-            lrow = head.to(tl.int64) * stride_lh + tok64
-            lse2 = _lse_base2(LSE, lrow, ev)
-            delta = tl.load(DELTA + lrow, mask=ev, other=0.0)
-            s = mm(q, tl.trans(k), DOT_PREC) * qk_scale
-            vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
-            p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
-            dv += mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
-            dp = mm(do, tl.trans(v), DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dk += mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC)
-            dq = mm(ds.to(k.dtype), k, DOT_PREC) * sm_scale
-            tl.atomic_add(DQ + tok64[:, None] * stride_dqt + head[:, None] * stride_dqh + d[None, :], dq,
-                          mask=ev[:, None] & (d[None, :] < D), sem="relaxed")
-        tl.atomic_add(DK_PTR + kn64[:, None] * stride_dkt + hk * stride_dkh + d[None, :], dk * sm_scale,
-                      mask=kvalid[:, None] & (d[None, :] < D), sem="relaxed")
-        tl.atomic_add(DV_PTR + kn64[:, None] * stride_dvt + hk * stride_dvh + dvr[None, :], dv,
-                      mask=kvalid[:, None] & (dvr[None, :] < DV), sem="relaxed")
+        _bwd_item(Q, K, V, DO, DQ, DK_PTR, DV_PTR, LSE, DELTA, ORDER, hk, lo, hi, q_start, kn, kvalid, kn64, shift,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                  stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+                  HQ, TPAD, S, qk_scale, sm_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC)
 
 
 # --- launchers ------------------------------------------------------------------------------------
