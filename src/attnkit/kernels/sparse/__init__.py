@@ -103,14 +103,22 @@ def reverse_index(indices: torch.Tensor, num_k_blocks: int) -> tuple[torch.Tenso
     return qoff.to(torch.int32), qlist
 
 
+def backward_delta(do: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   dlse: Optional[torch.Tensor]) -> torch.Tensor:
+    """`delta = rowsum(dO * O) - dlse`, `[Hq, Tq]` float32 (`dlse` ignored where the row saw no key):
+    the softmax-gradient term every backward kernel reads."""
+    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()  # [Hq, Tq]
+    if dlse is not None:
+        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
+    return delta
+
+
 def _backward(do, q, k, v, out, lse, dlse, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
     tq, hq, d = q.shape
     tk, hkv, dv = v.shape
     n, hsel, _, s = indices.shape
     do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()  # [Hq, Tq]
-    if dlse is not None:
-        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
+    delta = backward_delta(do, out, lse, dlse)
     if tq > 0 and n > 0 and keymajor.uses_keymajor(hq, hkv, hsel, q_block, k_block):
         return _keymajor_module().backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block,
                                            k_block, causal, scale)

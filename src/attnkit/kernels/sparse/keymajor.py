@@ -367,9 +367,21 @@ def _pack_lse(lse_row: torch.Tensor, cu_q: torch.Tensor, tq_total: int) -> torch
     return got.t().contiguous()
 
 
-def forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
-    """Packed key-major forward: q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> (out, lse [Hq, Tq])."""
-    STATS["fwd"] += 1
+Phases = list  # [(name, step)]: each step reads and extends a state dict
+
+
+def run_phases(phases: Phases) -> dict:
+    """Run the steps of `forward_phases` / `backward_phases` in order; the final state."""
+    st: dict = {}
+    for _, step in phases:
+        step(st)
+    return st
+
+
+def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale) -> Phases:
+    """The packed key-major forward as named steps (`entries`, `pass_a`, `lse_reduce`, `pass_c`,
+    `cast`), so the profile benchmark can time each; every step allocates what it writes, so a step
+    can be re-run on the same state."""
     tq, hq, d = q.shape
     hkv, dv = k.shape[1], v.shape[2]
     n = indices.shape[0]
@@ -378,42 +390,67 @@ def forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal
     bn = _block_n(k_block, FWD_MAX_BLOCK_N)
     n_sub = triton.cdiv(k_block, bn)
     chunk = max(FWD_BLOCK_M, ENTRY_CHUNK // FWD_BLOCK_M * FWD_BLOCK_M)
-    ent = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub)
-    tpad, s = ent.tpad, ent.s
     bd, bdv = max(16, pow2(d)), max(16, pow2(dv))
     warps = FWD_WARPS or (8 if bn >= 128 else 4)
     prec = _prec(q.dtype)
-    grid = (ent.wcell.numel(), n_sub)
-    lse_e = torch.full((n * hq * tpad * s * n_sub,), float("-inf"), dtype=torch.float32, device=dev)
-    if lse_e.numel():
-        _fwd_lse_kernel[grid](
-            q, k, ent.order, ent.off, ent.woff, ent.wcell, lse_e, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            ent.cells, nkb, hkv, hq, tpad, s, n_sub, k_block, scale * LOG2E,
-            D=d, BLOCK_D=bd, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=prec,
-            num_warps=warps, num_stages=2,
-        )
-    lse_row = torch.logsumexp(lse_e.view(n, tpad, hq, s * n_sub), -1)  # all -inf (or S == 0): -inf
-    del lse_e
-    lse = _pack_lse(lse_row, cu_q, tq)
-    del lse_row
-    oacc = torch.zeros(tq, hq, dv, dtype=torch.float32, device=dev)
-    if ent.order.numel() and s:
-        _fwd_out_kernel[grid](
-            q, k, v, oacc, lse, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            oacc.stride(0), oacc.stride(1), lse.stride(0),
-            ent.cells, nkb, hkv, hq, tpad, s, k_block, scale * LOG2E,
-            D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk,
-            CAUSAL=causal, DOT_PREC=prec, num_warps=warps, num_stages=2,
-        )
-    out = oacc if q.dtype == torch.float32 else oacc.to(q.dtype)
-    return out, lse
+
+    def entries(st):
+        st["ent"] = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub)
+
+    def pass_a(st):
+        ent = st["ent"]
+        lse_e = torch.full((n * hq * ent.tpad * ent.s * n_sub,), float("-inf"), dtype=torch.float32, device=dev)
+        if lse_e.numel():
+            _fwd_lse_kernel[(ent.wcell.numel(), n_sub)](
+                q, k, ent.order, ent.off, ent.woff, ent.wcell, lse_e, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                ent.cells, nkb, hkv, hq, ent.tpad, ent.s, n_sub, k_block, scale * LOG2E,
+                D=d, BLOCK_D=bd, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=prec,
+                num_warps=warps, num_stages=2,
+            )
+        st["lse_e"] = lse_e
+
+    def lse_reduce(st):
+        st["lse"] = reduce_lse(st["lse_e"], n, st["ent"].tpad, hq, cu_q, tq)
+
+    def pass_c(st):
+        ent = st["ent"]
+        oacc = torch.zeros(tq, hq, dv, dtype=torch.float32, device=dev)
+        if ent.order.numel() and ent.s:
+            lse = st["lse"]
+            _fwd_out_kernel[(ent.wcell.numel(), n_sub)](
+                q, k, v, oacc, lse, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                oacc.stride(0), oacc.stride(1), lse.stride(0),
+                ent.cells, nkb, hkv, hq, ent.tpad, ent.s, k_block, scale * LOG2E,
+                D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk,
+                CAUSAL=causal, DOT_PREC=prec, num_warps=warps, num_stages=2,
+            )
+        st["oacc"] = oacc
+
+    def cast(st):
+        st["out"] = st["oacc"] if q.dtype == torch.float32 else st["oacc"].to(q.dtype)
+
+    return [("entries", entries), ("pass_a", pass_a), ("lse_reduce", lse_reduce), ("pass_c", pass_c),
+            ("cast", cast)]
 
 
-def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
-    """Packed key-major backward (`delta = rowsum(dO * O) - dlse`, `[Hq, Tq]`): (dq, dk, dv)."""
-    STATS["bwd"] += 1
+def reduce_lse(lse_e: torch.Tensor, n: int, tpad: int, hq: int, cu_q: torch.Tensor, tq: int) -> torch.Tensor:
+    """Per-entry LSE `[N * Tpad * Hq * S * n_sub]` -> row LSE, packed `[Hq, Tq]` (an empty row: -inf)."""
+    lse_row = torch.logsumexp(lse_e.view(n, tpad, hq, -1), -1)  # all -inf (or S == 0): -inf
+    return _pack_lse(lse_row, cu_q, tq)
+
+
+def forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
+    """Packed key-major forward: q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> (out, lse [Hq, Tq])."""
+    STATS["fwd"] += 1
+    st = run_phases(forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale))
+    return st["out"], st["lse"]
+
+
+def backward_phases(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal,
+                    scale) -> Phases:
+    """The packed key-major backward as named steps (`entries`, `bwd_kernel`, `cast`)."""
     tq, hq, d = q.shape
     tk, hkv, dv = v.shape
     dev = q.device
@@ -424,24 +461,44 @@ def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block
     bm = BWD_BLOCK_M
     warps = BWD_WARPS or (8 if big else 4)
     chunk = max(bm, ENTRY_CHUNK // bm * bm)
-    ent = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub)
-    tpad, s = ent.tpad, ent.s
-    dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
-    dk = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
-    dvv = torch.zeros(tk, hkv, dv, dtype=torch.float32, device=dev)
-    if ent.order.numel() and s:
-        grid = (ent.wcell.numel(), n_sub)
-        _bwd_kernel[grid](
-            q, k, v, do, dq, dk, dvv, lse, delta, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-            dvv.stride(0), dvv.stride(1), lse.stride(0),
-            ent.cells, nkb, hkv, hq, tpad, s, k_block, scale * LOG2E, scale,
-            D=d, DV=dv, BLOCK_D=max(16, pow2(d)), BLOCK_DV=max(16, pow2(dv)), BLOCK_M=bm, BLOCK_N=bn,
-            CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=_prec(q.dtype), num_warps=warps, num_stages=2,
-        )
-    cast = (lambda x, ref: x) if q.dtype == torch.float32 else (lambda x, ref: x.to(ref.dtype))
-    return cast(dq, q), cast(dk, k), cast(dvv, v)
+
+    def entries(st):
+        st["ent"] = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub)
+
+    def bwd_kernel(st):
+        ent = st["ent"]
+        dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
+        dk = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
+        dvv = torch.zeros(tk, hkv, dv, dtype=torch.float32, device=dev)
+        if ent.order.numel() and ent.s:
+            _bwd_kernel[(ent.wcell.numel(), n_sub)](
+                q, k, v, do, dq, dk, dvv, lse, delta, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+                dvv.stride(0), dvv.stride(1), lse.stride(0),
+                ent.cells, nkb, hkv, hq, ent.tpad, ent.s, k_block, scale * LOG2E, scale,
+                D=d, DV=dv, BLOCK_D=max(16, pow2(d)), BLOCK_DV=max(16, pow2(dv)), BLOCK_M=bm, BLOCK_N=bn,
+                CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=_prec(q.dtype), num_warps=warps, num_stages=2,
+            )
+        st["grads32"] = (dq, dk, dvv)
+
+    def cast(st):
+        st["grads"] = cast_grads(st["grads32"], q)
+
+    return [("entries", entries), ("bwd_kernel", bwd_kernel), ("cast", cast)]
 
 
-__all__ = ["uses_keymajor", "build_entries", "forward", "backward", "STATS", "ENTRY_CHUNK"]
+def cast_grads(grads32: tuple, q: torch.Tensor) -> tuple:
+    """float32 (dq, dk, dv) -> the inputs' dtype."""
+    return grads32 if q.dtype == torch.float32 else tuple(g.to(q.dtype) for g in grads32)
+
+
+def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
+    """Packed key-major backward (`delta = rowsum(dO * O) - dlse`, `[Hq, Tq]`): (dq, dk, dv)."""
+    STATS["bwd"] += 1
+    return run_phases(backward_phases(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
+                                      causal, scale))["grads"]
+
+
+__all__ = ["uses_keymajor", "build_entries", "forward", "backward", "forward_phases", "backward_phases",
+           "run_phases", "STATS", "ENTRY_CHUNK"]

@@ -38,7 +38,8 @@ import triton.language as tl
 
 from ... import config
 from ..jit import LOG2E, pow2
-from .keymajor import _block_n, _bwd_item, _lse_item, _out_item, _pack_lse, _prec
+from .keymajor import (Phases, _block_n, _bwd_item, _lse_item, _out_item, _prec, cast_grads, reduce_lse,
+                       run_phases)
 from .plan import hsel_divisor
 from .querymajor import _key_tile
 
@@ -50,7 +51,7 @@ BWD_BLOCK_M = 64
 FWD_MAX_BLOCK_N = 128
 BWD_MAX_BLOCK_N = 64
 COUNT_BLOCK = 1024  # selection entries per program of the counting passes
-PROGRAMS_PER_SM = 4  # persistent grid: this many programs per SM (GPU)
+PROGRAMS_PER_SM = 2  # persistent grid: this many programs per SM (GPU)
 INTERPRETER_PROGRAMS = 3  # persistent grid under the CPU interpreter (several, to test the striding)
 
 STATS = {"fwd": 0, "bwd": 0}
@@ -255,9 +256,9 @@ def _programs(dev: torch.device, w_max: int) -> int:
     return max(1, min(w_max, INTERPRETER_PROGRAMS))
 
 
-def forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
-    """Packed forward: q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> (out [Tq, Hq, Dv], lse [Hq, Tq])."""
-    STATS["fwd"] += 1
+def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale) -> Phases:
+    """The packed forward as named steps (`entries`, `pass_a`, `lse_reduce`, `pass_c`, `cast`, as
+    `keymajor.forward_phases`)."""
     tq, hq, d = q.shape
     hkv, dv = k.shape[1], v.shape[2]
     n = indices.shape[0]
@@ -266,43 +267,64 @@ def forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal
     bn = _block_n(k_block, FWD_MAX_BLOCK_N)
     n_sub = triton.cdiv(k_block, bn)
     chunk = max(FWD_BLOCK_M, ENTRY_CHUNK // FWD_BLOCK_M * FWD_BLOCK_M)
-    ent = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub, WINDOW)
-    tpad, s = ent.tpad, ent.s
     bd, bdv = max(16, pow2(d)), max(16, pow2(dv))
     warps = 8 if bn >= 128 else 4
     prec = _prec(q.dtype)
-    nprog = _programs(dev, ent.wcell.numel())
-    grid = (nprog, n_sub)
-    lse_e = torch.full((n * hq * tpad * s * n_sub,), float("-inf"), dtype=torch.float32, device=dev)
-    if lse_e.numel():
-        _fwd_lse_kernel[grid](
-            q, k, ent.order, ent.off, ent.woff, ent.wcell, lse_e, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            ent.cells, n, nkb, hkv, hq, tpad, s, n_sub, k_block, scale * LOG2E, nprog,
-            D=d, BLOCK_D=bd, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=prec,
-            num_warps=warps, num_stages=2,
-        )
-    lse_row = torch.logsumexp(lse_e.view(n, tpad, hq, s * n_sub), -1)  # all -inf (or S == 0): -inf
-    del lse_e
-    lse = _pack_lse(lse_row, cu_q, tq)
-    del lse_row
-    oacc = torch.zeros(tq, hq, dv, dtype=torch.float32, device=dev)
-    if tpad * s:
-        _fwd_out_kernel[grid](
-            q, k, v, oacc, lse, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            oacc.stride(0), oacc.stride(1), lse.stride(0),
-            ent.cells, n, nkb, hkv, hq, tpad, s, k_block, scale * LOG2E, nprog,
-            D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk,
-            CAUSAL=causal, DOT_PREC=prec, num_warps=warps, num_stages=2,
-        )
-    out = oacc if q.dtype == torch.float32 else oacc.to(q.dtype)
-    return out, lse
+    window = WINDOW
+
+    def entries(st):
+        st["ent"] = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub, window)
+
+    def pass_a(st):
+        ent = st["ent"]
+        lse_e = torch.full((n * hq * ent.tpad * ent.s * n_sub,), float("-inf"), dtype=torch.float32, device=dev)
+        if lse_e.numel():
+            nprog = _programs(dev, ent.wcell.numel())
+            _fwd_lse_kernel[(nprog, n_sub)](
+                q, k, ent.order, ent.off, ent.woff, ent.wcell, lse_e, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                ent.cells, n, nkb, hkv, hq, ent.tpad, ent.s, n_sub, k_block, scale * LOG2E, nprog,
+                D=d, BLOCK_D=bd, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=prec,
+                num_warps=warps, num_stages=2,
+            )
+        st["lse_e"] = lse_e
+
+    def lse_reduce(st):
+        st["lse"] = reduce_lse(st["lse_e"], n, st["ent"].tpad, hq, cu_q, tq)
+
+    def pass_c(st):
+        ent = st["ent"]
+        oacc = torch.zeros(tq, hq, dv, dtype=torch.float32, device=dev)
+        if ent.tpad * ent.s:
+            lse = st["lse"]
+            nprog = _programs(dev, ent.wcell.numel())
+            _fwd_out_kernel[(nprog, n_sub)](
+                q, k, v, oacc, lse, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                oacc.stride(0), oacc.stride(1), lse.stride(0),
+                ent.cells, n, nkb, hkv, hq, ent.tpad, ent.s, k_block, scale * LOG2E, nprog,
+                D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk,
+                CAUSAL=causal, DOT_PREC=prec, num_warps=warps, num_stages=2,
+            )
+        st["oacc"] = oacc
+
+    def cast(st):
+        st["out"] = st["oacc"] if q.dtype == torch.float32 else st["oacc"].to(q.dtype)
+
+    return [("entries", entries), ("pass_a", pass_a), ("lse_reduce", lse_reduce), ("pass_c", pass_c),
+            ("cast", cast)]
 
 
-def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
-    """Packed backward (`delta = rowsum(dO * O) - dlse`, `[Hq, Tq]`): (dq, dk, dv)."""
-    STATS["bwd"] += 1
+def forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
+    """Packed forward: q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> (out [Tq, Hq, Dv], lse [Hq, Tq])."""
+    STATS["fwd"] += 1
+    st = run_phases(forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale))
+    return st["out"], st["lse"]
+
+
+def backward_phases(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal,
+                    scale) -> Phases:
+    """The packed backward as named steps (`entries`, `bwd_kernel`, `cast`)."""
     tq, hq, d = q.shape
     tk, hkv, dv = v.shape
     n = indices.shape[0]
@@ -313,23 +335,41 @@ def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block
     bm = BWD_BLOCK_M
     warps = 8 if max(d, dv) > 64 else 4
     chunk = max(bm, ENTRY_CHUNK // bm * bm)
-    ent = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub, WINDOW)
-    dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
-    dk = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
-    dvv = torch.zeros(tk, hkv, dv, dtype=torch.float32, device=dev)
-    if ent.tpad * ent.s:
-        nprog = _programs(dev, ent.wcell.numel())
-        _bwd_kernel[(nprog, n_sub)](
-            q, k, v, do, dq, dk, dvv, lse, delta, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-            dvv.stride(0), dvv.stride(1), lse.stride(0),
-            ent.cells, n, nkb, hkv, hq, ent.tpad, ent.s, k_block, scale * LOG2E, scale, nprog,
-            D=d, DV=dv, BLOCK_D=max(16, pow2(d)), BLOCK_DV=max(16, pow2(dv)), BLOCK_M=bm, BLOCK_N=bn,
-            CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=_prec(q.dtype), num_warps=warps, num_stages=2,
-        )
-    cast = (lambda x, ref: x) if q.dtype == torch.float32 else (lambda x, ref: x.to(ref.dtype))
-    return cast(dq, q), cast(dk, k), cast(dvv, v)
+    window = WINDOW
+
+    def entries(st):
+        st["ent"] = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub, window)
+
+    def bwd_kernel(st):
+        ent = st["ent"]
+        dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
+        dk = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
+        dvv = torch.zeros(tk, hkv, dv, dtype=torch.float32, device=dev)
+        if ent.tpad * ent.s:
+            nprog = _programs(dev, ent.wcell.numel())
+            _bwd_kernel[(nprog, n_sub)](
+                q, k, v, do, dq, dk, dvv, lse, delta, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+                dvv.stride(0), dvv.stride(1), lse.stride(0),
+                ent.cells, n, nkb, hkv, hq, ent.tpad, ent.s, k_block, scale * LOG2E, scale, nprog,
+                D=d, DV=dv, BLOCK_D=max(16, pow2(d)), BLOCK_DV=max(16, pow2(dv)), BLOCK_M=bm, BLOCK_N=bn,
+                CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=_prec(q.dtype), num_warps=warps, num_stages=2,
+            )
+        st["grads32"] = (dq, dk, dvv)
+
+    def cast(st):
+        st["grads"] = cast_grads(st["grads32"], q)
+
+    return [("entries", entries), ("bwd_kernel", bwd_kernel), ("cast", cast)]
 
 
-__all__ = ["enabled", "build_entries", "forward", "backward", "STATS", "WINDOW", "ENTRY_CHUNK"]
+def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
+    """Packed backward (`delta = rowsum(dO * O) - dlse`, `[Hq, Tq]`): (dq, dk, dv)."""
+    STATS["bwd"] += 1
+    return run_phases(backward_phases(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
+                                      causal, scale))["grads"]
+
+
+__all__ = ["enabled", "build_entries", "forward", "backward", "forward_phases", "backward_phases", "STATS",
+           "WINDOW", "ENTRY_CHUNK"]
