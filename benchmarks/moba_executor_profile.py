@@ -31,9 +31,9 @@ from attnkit.bench.env import device_info, git_commit, timestamp, versions
 from attnkit.bench.timing import time_call
 
 GPU_DEFAULTS = dict(seqlens=[16384, 65536], heads=64, kv_heads=4, dim=128, block=64, topk=16,
-                    windows=[0, 512, 1024, 2048, 4096], programs_per_sm=[2, 1, 4])
+                    windows=[0, 512, 1024, 2048, 4096], programs_per_sm=[2, 1, 4], fwd_block_m=[64])
 CPU_DEFAULTS = dict(seqlens=[40], heads=4, kv_heads=1, dim=16, block=16, topk=3, windows=[0, 16],
-                    programs_per_sm=[2])
+                    programs_per_sm=[2], fwd_block_m=[32])
 
 
 def visited_pairs(idx: torch.Tensor, block: int, tq: int) -> int:
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--programs-per-sm", type=int, nargs="+",
                     help="persistent grid sizes of the windowed variant: the first with every window, the others "
                          "with the window 1024")
+    ap.add_argument("--fwd-block-m", type=int, nargs="*",
+                    help="other forward BLOCK_M values of the windowed variant (window 1024; default 128)")
     ap.add_argument("--heads", type=int)
     ap.add_argument("--kv-heads", type=int)
     ap.add_argument("--dim", type=int)
@@ -137,13 +139,13 @@ def main() -> None:
 
         variants: list[tuple[str, Any, Any, dict[str, Any]]] = [
             ("keymajor", km, None, {"sparse_keymajor_windowed": False})]
-        pps = args.programs_per_sm
-        variants += [(f"windowed-W{w}-P{pps[0]}", kw, (w, pps[0]), {"sparse_keymajor_windowed": True})
-                     for w in args.windows]
-        variants += [(f"windowed-W1024-P{p}", kw, (1024, p), {"sparse_keymajor_windowed": True}) for p in pps[1:]]
+        pps, wdef, on = args.programs_per_sm, 1024, {"sparse_keymajor_windowed": True}
+        variants += [(f"windowed-W{w}-P{pps[0]}", kw, (w, pps[0], 128), on) for w in args.windows]
+        variants += [(f"windowed-W{wdef}-P{p}", kw, (wdef, p, 128), on) for p in pps[1:]]
+        variants += [(f"windowed-W{wdef}-P{pps[0]}-M{m}", kw, (wdef, pps[0], m), on) for m in args.fwd_block_m]
         for vname, vmod, knobs, settings in variants:
             if knobs is not None:
-                kw.WINDOW, kw.PROGRAMS_PER_SM = knobs
+                kw.WINDOW, kw.PROGRAMS_PER_SM, kw.FWD_BLOCK_M = knobs
             with config.override(sparse_keymajor=True, **settings):
                 # phases of the forward, each timed on its own over the state the earlier ones left
                 with kernels.launch_env():

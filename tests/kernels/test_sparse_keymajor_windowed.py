@@ -65,12 +65,14 @@ def test_windowed_chunks_and_key_subtiles(kernel_device, windowed, monkeypatch):
     assert windowed.calls() == {"fwd": 2, "bwd": 2}
 
 
-def test_windowed_all_rows_empty(kernel_device, windowed):
-    """A per-head selection with no key at all: out 0, lse -inf, zero gradients."""
+@pytest.mark.parametrize("width", [3, 0])
+def test_windowed_all_rows_empty(width, kernel_device, windowed):
+    """A per-head selection with no key at all (all -1, or rows of width 0): out 0, lse -inf, zero
+    gradients."""
     q = torch.randn(1, 20, 2, 16, device=kernel_device, requires_grad=True)
     k = torch.randn(1, 20, 1, 16, device=kernel_device, requires_grad=True)
     v = torch.randn(1, 20, 1, 16, device=kernel_device, requires_grad=True)
-    sel = KVSelection(torch.full((1, 2, 20, 3), -1, dtype=torch.int32, device=kernel_device), 1, 16)
+    sel = KVSelection(torch.full((1, 2, 20, width), -1, dtype=torch.int32, device=kernel_device), 1, 16)
     out, lse = ak.ops.sparse_attention(q, k, v, sel, return_lse=True, backend="triton")
     assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
     (out.sum() + torch.where(torch.isinf(lse), 0, lse).sum()).backward()

@@ -411,7 +411,7 @@ def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
         st["lse_e"] = lse_e
 
     def lse_reduce(st):
-        st["lse"] = reduce_lse(st["lse_e"], n, st["ent"].tpad, hq, cu_q, tq)
+        st["lse"] = reduce_lse(st["lse_e"], n, st["ent"].tpad, hq, st["ent"].s * n_sub, cu_q, tq)
 
     def pass_c(st):
         ent = st["ent"]
@@ -435,9 +435,10 @@ def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
             ("cast", cast)]
 
 
-def reduce_lse(lse_e: torch.Tensor, n: int, tpad: int, hq: int, cu_q: torch.Tensor, tq: int) -> torch.Tensor:
-    """Per-entry LSE `[N * Tpad * Hq * S * n_sub]` -> row LSE, packed `[Hq, Tq]` (an empty row: -inf)."""
-    lse_row = torch.logsumexp(lse_e.view(n, tpad, hq, -1), -1)  # all -inf (or S == 0): -inf
+def reduce_lse(lse_e: torch.Tensor, n: int, tpad: int, hq: int, width: int, cu_q: torch.Tensor,
+               tq: int) -> torch.Tensor:
+    """Per-entry LSE `[N * Tpad * Hq * width]` (width = S * n_sub) -> row LSE, packed `[Hq, Tq]`."""
+    lse_row = torch.logsumexp(lse_e.view(n, tpad, hq, width), -1)  # all -inf (or width 0): -inf
     return _pack_lse(lse_row, cu_q, tq)
 
 

@@ -290,7 +290,7 @@ def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
         st["lse_e"] = lse_e
 
     def lse_reduce(st):
-        st["lse"] = reduce_lse(st["lse_e"], n, st["ent"].tpad, hq, cu_q, tq)
+        st["lse"] = reduce_lse(st["lse_e"], n, st["ent"].tpad, hq, st["ent"].s * n_sub, cu_q, tq)
 
     def pass_c(st):
         ent = st["ent"]
