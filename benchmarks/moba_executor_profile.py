@@ -146,6 +146,7 @@ def main() -> None:
         for vname, vmod, knobs, settings in variants:
             if knobs is not None:
                 kw.WINDOW, kw.PROGRAMS_PER_SM, kw.FWD_BLOCK_M = knobs
+                kw.BWD_WINDOW = kw.WINDOW
             with config.override(sparse_keymajor=True, **settings):
                 # phases of the forward, each timed on its own over the state the earlier ones left
                 with kernels.launch_env():

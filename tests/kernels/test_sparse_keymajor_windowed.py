@@ -38,6 +38,7 @@ def windowed(kernel_device, config_override):
 @pytest.mark.parametrize("case", sorted(TINY))
 def test_windowed_tiny(case, kernel_device, windowed, monkeypatch):
     monkeypatch.setattr(windowed.mod, "WINDOW", 8)
+    monkeypatch.setattr(windowed.mod, "BWD_WINDOW", 8)
     kw = dict(TINY[case])
     kw.setdefault("q_block", 1)
     check_sparse(device=kernel_device, **kw)
@@ -49,6 +50,7 @@ def test_windowed_window_sizes(window, kernel_device, windowed, monkeypatch):
     """One window per sequence (0), windows not a multiple of anything, one window per key block,
     a window longer than the sequence."""
     monkeypatch.setattr(windowed.mod, "WINDOW", window)
+    monkeypatch.setattr(windowed.mod, "BWD_WINDOW", window)
     check_sparse(device=kernel_device, Tq=43, Tk=43, Hq=4, Hkv=1, Hsel=4, D=16, q_block=1, k_block=16, width=2)
     assert windowed.calls() == {"fwd": 1, "bwd": 1}
 
@@ -57,7 +59,8 @@ def test_windowed_chunks_and_key_subtiles(kernel_device, windowed, monkeypatch):
     """Small launch knobs: a cell's entries span several work items and several BLOCK_M steps, a key
     block (k_block 24 / 40) spans several key tiles, one program strides over many work items."""
     for name, val in (("ENTRY_CHUNK", 32), ("FWD_BLOCK_M", 16), ("BWD_BLOCK_M", 16), ("FWD_MAX_BLOCK_N", 16),
-                      ("BWD_MAX_BLOCK_N", 16), ("WINDOW", 12), ("COUNT_BLOCK", 64), ("INTERPRETER_PROGRAMS", 2)):
+                      ("BWD_MAX_BLOCK_N", 16), ("WINDOW", 12), ("BWD_WINDOW", 20), ("COUNT_BLOCK", 64),
+                      ("INTERPRETER_PROGRAMS", 2)):
         monkeypatch.setattr(windowed.mod, name, val)
     check_sparse(device=kernel_device, Tq=45, Tk=45, Hq=4, Hkv=1, Hsel=4, D=16, q_block=1, k_block=24, width=2,
                  dtype=torch.float32)

@@ -9,22 +9,23 @@ memory traffic rather than arithmetic:
 - Token windows. A cell is `(window, sequence, KV head, key block)`, windows of `WINDOW` query
   tokens outermost. The work list runs window by window, so the programs in flight at any moment
   gather Q rows and add into output (dQ) rows of one window: a window's Q (`WINDOW * G * D` half
-  values per KV head) and its float32 accumulator rows stay in L2 while the ~S cells each row selected are
-  processed, instead of every gather and atomic missing to DRAM (in `keymajor` a cell spans the whole
-  sequence, so a Q row is fetched from DRAM once per selected block, and the output rows touched at
-  one time are spread over all of it). The price: a key tile is loaded once per (window, block)
-  instead of once per block, and the cells are `ceil(Tpad / WINDOW)` times as many.
+  values per KV head) and its float32 accumulator rows are small enough to stay in L2 while the
+  ~S cells each row selected are processed (in `keymajor` a cell spans the whole sequence, so a Q
+  row is fetched once per selected block and the output rows touched at one time are spread over
+  the whole tensor). The price: a key tile is loaded once per (window, block) instead of once per
+  block, and the cells are `ceil(Tpad / WINDOW)` times as many.
 - Counting sort. The entry list is built by two Triton passes over the selection, a histogram of
   cell counts (integer atomics) and a scatter that claims each entry's slot with an atomic
-  fetch-add, plus a cumsum over the cells; no sort, no token-major copy of the selection. Order within a
-  cell follows the atomics (roughly token order), so it is not deterministic; the float32
+  fetch-add, plus a cumsum over the cells; no sort, no token-major copy of the selection. Order
+  within a cell follows the atomics (roughly token order), so it is not deterministic; the float32
   sums were not deterministic either.
 - Persistent programs. The work list (`woff`, `wcell`: a cell's entries in chunks of
   `ENTRY_CHUNK`) is sized on the device; a fixed grid of programs strides over it, reading the
   number of work items from `woff[cells]`, so there is no host sync and no empty program for the
   many windows x blocks cells that hold no entry (causally impossible ones, for instance).
 
-`WINDOW = 0` puts the whole sequence in one window (`keymajor`'s cells, built by counting).
+`WINDOW = 0` puts the whole sequence in one window (`keymajor`'s cells, built by counting);
+`BWD_WINDOW` is the backward's window, apart because its dK / dV atomics are per work item.
 Chosen over `keymajor` by the `sparse_keymajor_windowed` setting (`config.py`), off by default.
 """
 
@@ -44,7 +45,8 @@ from .plan import hsel_divisor
 from .querymajor import _key_tile
 
 # launch knobs (module attributes: tests shrink them, the profile benchmark sweeps WINDOW)
-WINDOW = 1024  # query tokens per window (0: one window per sequence)
+WINDOW = 1024  # query tokens per window of the forward (0: one window per sequence)
+BWD_WINDOW = 1024  # the same for the backward (its dK / dV atomics grow with the number of cells)
 ENTRY_CHUNK = 1024  # entries of one cell per work item (a multiple of the BLOCK_M values below)
 FWD_BLOCK_M = 128
 BWD_BLOCK_M = 64
@@ -335,7 +337,7 @@ def backward_phases(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, 
     bm = BWD_BLOCK_M
     warps = 8 if max(d, dv) > 64 else 4
     chunk = max(bm, ENTRY_CHUNK // bm * bm)
-    window = WINDOW
+    window = BWD_WINDOW
 
     def entries(st):
         st["ent"] = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub, window)
@@ -372,4 +374,4 @@ def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block
 
 
 __all__ = ["enabled", "build_entries", "forward", "backward", "forward_phases", "backward_phases", "STATS",
-           "WINDOW", "ENTRY_CHUNK"]
+           "WINDOW", "BWD_WINDOW", "ENTRY_CHUNK"]
