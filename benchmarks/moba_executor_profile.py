@@ -158,6 +158,11 @@ def main() -> None:
                      work_items=int(ent.woff[-1]))
                 for pname, step in fph:
                     save(T=T, impl=vname, phase=f"fwd:{pname}", **timed(lambda: step(st), T))
+                # diagnostic: pass c with plain stores instead of atomic adds (wrong sums; its time only)
+                with kernels.launch_env():
+                    diag = dict(vmod.forward_phases(qp, kp, vp, idx, cu, cu, T, T, 1, bs, True, scale,
+                                                    out_atomic=False))["pass_c"]
+                save(T=T, impl=vname, phase="fwd:pass_c_stores_not_atomics", **timed(lambda: diag(dict(st)), T))
                 out_p, lse_p = st["out"], st["lse"]
                 if ref_out is None:
                     ref_out, ref_lse = out_p.float(), lse_p

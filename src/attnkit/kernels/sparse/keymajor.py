@@ -229,8 +229,9 @@ def _lse_item(Q, kT, LSE_E, ORDER, lo, hi, q_start, kn, kvalid, shift, sub, stri
 def _out_item(Q, kT, v, OACC, LSE, ORDER, lo, hi, q_start, kn, kvalid, shift, stride_qt, stride_qh, stride_ot,
               stride_oh, stride_lh, HQ, TPAD, S, qk_scale, D: tl.constexpr, DV: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-              DOT_PREC: tl.constexpr):
-    """Pass c over one work item: `exp(S - lse) @ V` added with float32 atomics into OACC rows."""
+              DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr):
+    """Pass c over one work item: `exp(S - lse) @ V` added with float32 atomics into OACC rows
+    (`ATOMIC=False`: plain stores, wrong sums; only the profile benchmark uses it, to time the atomics)."""
     dvr = tl.arange(0, BLOCK_DV)
     for e0 in range(lo, hi, BLOCK_M):
         ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
@@ -240,8 +241,11 @@ def _out_item(Q, kT, v, OACC, LSE, ORDER, lo, hi, q_start, kn, kvalid, shift, st
         vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
         p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
         o = mm(p.to(v.dtype), v, DOT_PREC)
-        tl.atomic_add(OACC + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dvr[None, :], o,
-                      mask=ev[:, None] & (dvr[None, :] < DV), sem="relaxed")
+        optr = OACC + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dvr[None, :]
+        if ATOMIC:
+            tl.atomic_add(optr, o, mask=ev[:, None] & (dvr[None, :] < DV), sem="relaxed")
+        else:
+            tl.store(optr, o, mask=ev[:, None] & (dvr[None, :] < DV))
 
 
 @triton.jit
@@ -310,7 +314,7 @@ def _fwd_out_kernel(
     CELLS, NKB, HKV, HQ, TPAD, S, k_block, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     sub = tl.program_id(1)
     work, hk, lo, hi, q_start, kn, kvalid, kn64, shift = _key_range(tl.program_id(0), sub, WCELL, OFF, WOFF, CU_Q,
@@ -319,7 +323,8 @@ def _fwd_out_kernel(
         kT, v = _key_tile(kn64, kvalid, K + hk * stride_kh, V + hk * stride_vh, stride_kt, stride_vt,
                           BLOCK_D, BLOCK_DV, D, DV)
         _out_item(Q, kT, v, OACC, LSE, ORDER, lo, hi, q_start, kn, kvalid, shift, stride_qt, stride_qh, stride_ot,
-                  stride_oh, stride_lh, HQ, TPAD, S, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, DOT_PREC)
+                  stride_oh, stride_lh, HQ, TPAD, S, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, DOT_PREC,
+                  ATOMIC)
 
 
 @triton.jit
@@ -378,10 +383,12 @@ def run_phases(phases: Phases) -> dict:
     return st
 
 
-def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale) -> Phases:
+def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale,
+                   out_atomic: bool = True) -> Phases:
     """The packed key-major forward as named steps (`entries`, `pass_a`, `lse_reduce`, `pass_c`,
     `cast`), so the profile benchmark can time each; every step allocates what it writes, so a step
-    can be re-run on the same state."""
+    can be re-run on the same state. `out_atomic=False` (the profile's diagnostic only) makes pass c
+    store instead of add: wrong outputs, the time of pass c without its atomics."""
     tq, hq, d = q.shape
     hkv, dv = k.shape[1], v.shape[2]
     n = indices.shape[0]
@@ -424,7 +431,7 @@ def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
                 oacc.stride(0), oacc.stride(1), lse.stride(0),
                 ent.cells, nkb, hkv, hq, ent.tpad, ent.s, k_block, scale * LOG2E,
                 D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk,
-                CAUSAL=causal, DOT_PREC=prec, num_warps=warps, num_stages=2,
+                CAUSAL=causal, DOT_PREC=prec, ATOMIC=out_atomic, num_warps=warps, num_stages=2,
             )
         st["oacc"] = oacc
 

@@ -209,7 +209,7 @@ def _fwd_out_kernel(
     CELLS, NSEQ, NKB, HKV, HQ, TPAD, S, k_block, qk_scale, NPROG,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     sub = tl.program_id(1)
     n_work = tl.load(WOFF + CELLS).to(tl.int32)
@@ -221,7 +221,7 @@ def _fwd_out_kernel(
                               BLOCK_D, BLOCK_DV, D, DV)
             _out_item(Q, kT, v, OACC, LSE, ORDER, lo, hi, q_start, kn, kvalid, shift, stride_qt, stride_qh,
                       stride_ot, stride_oh, stride_lh, HQ, TPAD, S, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
-                      CAUSAL, DOT_PREC)
+                      CAUSAL, DOT_PREC, ATOMIC)
 
 
 @triton.jit
@@ -258,9 +258,10 @@ def _programs(dev: torch.device, w_max: int) -> int:
     return max(1, min(w_max, INTERPRETER_PROGRAMS))
 
 
-def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale) -> Phases:
-    """The packed forward as named steps (`entries`, `pass_a`, `lse_reduce`, `pass_c`, `cast`, as
-    `keymajor.forward_phases`)."""
+def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale,
+                   out_atomic: bool = True) -> Phases:
+    """The packed forward as named steps (`entries`, `pass_a`, `lse_reduce`, `pass_c`, `cast`;
+    `out_atomic` as `keymajor.forward_phases`)."""
     tq, hq, d = q.shape
     hkv, dv = k.shape[1], v.shape[2]
     n = indices.shape[0]
@@ -306,7 +307,7 @@ def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
                 oacc.stride(0), oacc.stride(1), lse.stride(0),
                 ent.cells, n, nkb, hkv, hq, ent.tpad, ent.s, k_block, scale * LOG2E, nprog,
                 D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk,
-                CAUSAL=causal, DOT_PREC=prec, num_warps=warps, num_stages=2,
+                CAUSAL=causal, DOT_PREC=prec, ATOMIC=out_atomic, num_warps=warps, num_stages=2,
             )
         st["oacc"] = oacc
 
