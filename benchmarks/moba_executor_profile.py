@@ -7,7 +7,8 @@ run.
 Shape (the executor issue's): bf16, B = 1, Hq = 64, Hkv = 4, D = 128, causal, MoBA block 64, top 16,
 random inputs, MoBA's own selection (computed once per length, not timed). Effective TFLOP/s count
 the visited (query, key) pairs only: forward 4 * pairs * D, backward 10 * pairs * D. Times are
-medians of CUDA events (min and max kept); the JSON is rewritten after every row.
+medians of CUDA events (min and max kept); the JSON is rewritten after every row. Last, per length,
+`attnkit.attention(..., method="moba")` forward (selection included) with each variant's defaults.
 
     PYTHONPATH=src python benchmarks/moba_executor_profile.py --out $OUT/moba_exec.json
     PYTHONPATH=src python benchmarks/moba_executor_profile.py --device cpu --out /tmp/moba_exec_cpu.json
@@ -96,6 +97,7 @@ def main() -> None:
         return {"ms": round(t.median_ms, 4), "min_ms": round(t.min_ms, 4), "max_ms": round(t.max_ms, 4),
                 "runs": t.runs}
 
+    knob_defaults = (kw.WINDOW, kw.BWD_WINDOW, kw.PROGRAMS_PER_SM, kw.FWD_BLOCK_M)
     t_start = time.time()
     for T in args.seqlens:
         g = torch.Generator(device=dev).manual_seed(T)
@@ -202,6 +204,15 @@ def main() -> None:
                     del leaves
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+
+        # the method end to end (selection included), with each variant at its default knobs
+        kw.WINDOW, kw.BWD_WINDOW, kw.PROGRAMS_PER_SM, kw.FWD_BLOCK_M = knob_defaults
+        for vname, on in (("keymajor", False), ("windowed-default", True)):
+            before = (km.STATS["fwd"], kw.STATS["fwd"])
+            with config.override(sparse_keymajor=True, sparse_keymajor_windowed=on), torch.no_grad():
+                r = timed(lambda: ak.attention(q, k, v, method="moba", block_size=bs, topk=topk), T)
+            ran = {"keymajor": km.STATS["fwd"] - before[0], "windowed": kw.STATS["fwd"] - before[1]}
+            save(T=T, impl=f"moba-attention:{vname}", phase="fwd", executor_calls=ran, **r)
         del q, k, v, do, qp, kp, vp, dop, idx, sel, ref_out
     meta["wall_s"] = round(time.time() - t_start, 1)
     save(impl="done", phase="wall", wall_s=meta["wall_s"])
