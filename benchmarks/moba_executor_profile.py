@@ -1,8 +1,9 @@
 """Where the MoBA executor's time goes: each phase of the key-major forward and backward timed on
 its own (entry list, pass a, the LSE reduction, pass c, the cast; delta, entry list, the backward
-kernel, the cast), for `kernels/sparse/keymajor.py` and for `kernels/sparse/keymajor_windowed.py`
-at several window sizes, with the executor end to end and cuDNN dense causal attention in the same
-run.
+kernel, the cast), for `kernels/sparse/keymajor.py`, for `kernels/sparse/keymajor_windowed.py` at
+several window and grid sizes (pass c also timed with plain stores instead of atomics, to price
+them) and for the one-pass forward `kernels/sparse/keymajor_onepass.py` (entry list, bounds, the
+pass, the division), with the executor end to end and cuDNN dense causal attention in the same run.
 
 Shape (the executor issue's): bf16, B = 1, Hq = 64, Hkv = 4, D = 128, causal, MoBA block 64, top 16,
 random inputs, MoBA's own selection (computed once per length, not timed). Effective TFLOP/s count
@@ -76,7 +77,7 @@ def main() -> None:
         mod = kernels.load()
     import attnkit as ak
 
-    km, kw = mod.keymajor, mod.keymajor_windowed
+    km, kw, op = mod.keymajor, mod.keymajor_windowed, mod.keymajor_onepass
     H, Hkv, D, bs, topk = args.heads, args.kv_heads, args.dim, args.block, args.topk
     meta = {"device": device_info(dev), "versions": versions(), "git": git_commit(), "time": timestamp(),
             "shape": dict(B=1, Hq=H, Hkv=Hkv, D=D, block_size=bs, topk=topk, dtype="bf16", causal=True),
@@ -139,17 +140,19 @@ def main() -> None:
         cu = torch.tensor([0, T], dtype=torch.int32, device=dev)
         ref_out = None
 
-        variants: list[tuple[str, Any, Any, dict[str, Any]]] = [
-            ("keymajor", km, None, {"sparse_keymajor_windowed": False})]
-        pps, wdef, on = args.programs_per_sm, 1024, {"sparse_keymajor_windowed": True}
-        variants += [(f"windowed-W{w}-P{pps[0]}", kw, (w, pps[0], 128), on) for w in args.windows]
-        variants += [(f"windowed-W{wdef}-P{p}", kw, (wdef, p, 128), on) for p in pps[1:]]
-        variants += [(f"windowed-W{wdef}-P{pps[0]}-M{m}", kw, (wdef, pps[0], m), on) for m in args.fwd_block_m]
-        for vname, vmod, knobs, settings in variants:
+        # (name, sparse_keymajor_variant, forward-phase module, backward-phase module, windowed knobs)
+        pps, wdef = args.programs_per_sm, 1024
+        variants: list[tuple[str, str, Any, Any, Any]] = [("keymajor", "sorted", km, km, None)]
+        variants += [(f"windowed-W{w}-P{pps[0]}", "windowed", kw, kw, (w, pps[0], 128)) for w in args.windows]
+        variants += [(f"windowed-W{wdef}-P{p}", "windowed", kw, kw, (wdef, p, 128)) for p in pps[1:]]
+        variants += [(f"windowed-W{wdef}-P{pps[0]}-M{m}", "windowed", kw, kw, (wdef, pps[0], m))
+                     for m in args.fwd_block_m]
+        variants += [(f"onepass-W{wdef}-P{pps[0]}", "onepass", op, kw, (wdef, pps[0], 128))]
+        for vname, setting, vmod, bmod, knobs in variants:
             if knobs is not None:
                 kw.WINDOW, kw.PROGRAMS_PER_SM, kw.FWD_BLOCK_M = knobs
                 kw.BWD_WINDOW = kw.WINDOW
-            with config.override(sparse_keymajor=True, **settings):
+            with config.override(sparse_keymajor=True, sparse_keymajor_variant=setting):
                 # phases of the forward, each timed on its own over the state the earlier ones left
                 with kernels.launch_env():
                     fph = vmod.forward_phases(qp, kp, vp, idx, cu, cu, T, T, 1, bs, True, scale)
@@ -158,13 +161,17 @@ def main() -> None:
                 ent = st["ent"]
                 save(T=T, impl=vname, phase="entries_stats", valid_entries=int(ent.off[-1]), cells=ent.cells,
                      work_items=int(ent.woff[-1]))
+                if "unsafe" in st:  # the one-pass forward: rows whose bound was too loose (they force a fallback)
+                    save(T=T, impl=vname, phase="bound_stats", unsafe_rows=int(st["unsafe"].sum()))
                 for pname, step in fph:
                     save(T=T, impl=vname, phase=f"fwd:{pname}", **timed(lambda: step(st), T))
-                # diagnostic: pass c with plain stores instead of atomic adds (wrong sums; its time only)
-                with kernels.launch_env():
-                    diag = dict(vmod.forward_phases(qp, kp, vp, idx, cu, cu, T, T, 1, bs, True, scale,
-                                                    out_atomic=False))["pass_c"]
-                save(T=T, impl=vname, phase="fwd:pass_c_stores_not_atomics", **timed(lambda: diag(dict(st)), T))
+                if vmod is not op:
+                    # diagnostic: pass c with plain stores instead of atomic adds (wrong sums; its time only)
+                    with kernels.launch_env():
+                        diag = dict(vmod.forward_phases(qp, kp, vp, idx, cu, cu, T, T, 1, bs, True, scale,
+                                                        out_atomic=False))["pass_c"]
+                    save(T=T, impl=vname, phase="fwd:pass_c_stores_not_atomics",
+                         **timed(lambda: diag(dict(st)), T))
                 out_p, lse_p = st["out"], st["lse"]
                 if ref_out is None:
                     ref_out, ref_lse = out_p.float(), lse_p
@@ -177,7 +184,7 @@ def main() -> None:
                     save(T=T, impl=vname, phase="bwd:delta",
                          **timed(lambda: mod.backward_delta(dop, out_p, lse_p, None), T))
                     with kernels.launch_env():
-                        bph = vmod.backward_phases(dop, qp, kp, vp, lse_p, delta, idx, cu, cu, T, T, 1, bs, True,
+                        bph = bmod.backward_phases(dop, qp, kp, vp, lse_p, delta, idx, cu, cu, T, T, 1, bs, True,
                                                    scale)
                         bst = km.run_phases(bph)
                     for pname, step in bph:
@@ -207,12 +214,13 @@ def main() -> None:
 
         # the method end to end (selection included), with each variant at its default knobs
         kw.WINDOW, kw.BWD_WINDOW, kw.PROGRAMS_PER_SM, kw.FWD_BLOCK_M = knob_defaults
-        for vname, on in (("keymajor", False), ("windowed-default", True)):
-            before = (km.STATS["fwd"], kw.STATS["fwd"])
-            with config.override(sparse_keymajor=True, sparse_keymajor_windowed=on), torch.no_grad():
+        for setting in ("sorted", "windowed", "onepass"):
+            before = (km.STATS["fwd"], kw.STATS["fwd"], op.STATS["fwd"], op.STATS["fallback"])
+            with config.override(sparse_keymajor=True, sparse_keymajor_variant=setting), torch.no_grad():
                 r = timed(lambda: ak.attention(q, k, v, method="moba", block_size=bs, topk=topk), T)
-            ran = {"keymajor": km.STATS["fwd"] - before[0], "windowed": kw.STATS["fwd"] - before[1]}
-            save(T=T, impl=f"moba-attention:{vname}", phase="fwd", executor_calls=ran, **r)
+            ran = {"sorted": km.STATS["fwd"] - before[0], "windowed": kw.STATS["fwd"] - before[1],
+                   "onepass": op.STATS["fwd"] - before[2], "onepass_fallback": op.STATS["fallback"] - before[3]}
+            save(T=T, impl=f"moba-attention:{setting}", phase="fwd", executor_calls=ran, **r)
         del q, k, v, do, qp, kp, vp, dop, idx, sel, ref_out
     meta["wall_s"] = round(time.time() - t_start, 1)
     save(impl="done", phase="wall", wall_s=meta["wall_s"])

@@ -30,7 +30,7 @@ def windowed(kernel_device, config_override):
     from attnkit import kernels
 
     kw = kernels.load().keymajor_windowed
-    config_override(sparse_keymajor=True, sparse_keymajor_windowed=True)
+    config_override(sparse_keymajor=True, sparse_keymajor_variant="windowed")
     before = dict(kw.STATS)
     return SimpleNamespace(mod=kw, calls=lambda: {k: kw.STATS[k] - before[k] for k in before})
 
@@ -142,17 +142,22 @@ def test_windowed_moba_ties(kernel_device, windowed, monkeypatch):
 
 
 def test_setting_picks_the_variant(kernel_device, config_override):
-    """`sparse_keymajor_windowed` switches the key-major path between the two modules."""
+    """`sparse_keymajor_variant` switches the key-major path between the modules; an unknown value
+    is an error naming the setting."""
     from attnkit import kernels
 
     mod = kernels.load()
+    stats = (mod.keymajor.STATS, mod.keymajor_windowed.STATS, mod.keymajor_onepass.STATS)
     kw = dict(Tq=9, Tk=9, Hq=2, Hkv=1, Hsel=2, D=16, q_block=1, k_block=16, width=1, backward=False)
-    for on in (False, True):
-        config_override(sparse_keymajor=True, sparse_keymajor_windowed=on)
-        before = (mod.keymajor.STATS["fwd"], mod.keymajor_windowed.STATS["fwd"])
+    for variant, want in (("sorted", (1, 0, 0)), ("windowed", (0, 1, 0)), ("onepass", (0, 0, 1))):
+        config_override(sparse_keymajor=True, sparse_keymajor_variant=variant)
+        before = [st["fwd"] for st in stats]
         check_sparse(device=kernel_device, **kw)
-        after = (mod.keymajor.STATS["fwd"], mod.keymajor_windowed.STATS["fwd"])
-        assert (after[0] - before[0], after[1] - before[1]) == ((0, 1) if on else (1, 0)), (on, before, after)
+        got = tuple(st["fwd"] - b for st, b in zip(stats, before))
+        assert got == want, (variant, got)
+    config_override(sparse_keymajor_variant="fast")
+    with pytest.raises(ak.AttnkitError, match="sparse_keymajor_variant"):
+        check_sparse(device=kernel_device, **kw)
 
 
 # --- real size on a GPU ---------------------------------------------------------------------------

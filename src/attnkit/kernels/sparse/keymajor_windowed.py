@@ -26,7 +26,7 @@ memory traffic rather than arithmetic:
 
 `WINDOW = 0` puts the whole sequence in one window (`keymajor`'s cells, built by counting);
 `BWD_WINDOW` is the backward's window, apart because its dK / dV atomics are per work item.
-Chosen over `keymajor` by the `sparse_keymajor_windowed` setting (`config.py`), off by default.
+Chosen by the `sparse_keymajor_variant = "windowed"` setting (`config.py`); "sorted" by default.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import config
 from ..jit import LOG2E, pow2
 from .keymajor import (Phases, _block_n, _bwd_item, _lse_item, _out_item, _prec, cast_grads, reduce_lse,
                        run_phases)
@@ -57,11 +56,6 @@ PROGRAMS_PER_SM = 2  # persistent grid: this many programs per SM (GPU)
 INTERPRETER_PROGRAMS = 3  # persistent grid under the CPU interpreter (several, to test the striding)
 
 STATS = {"fwd": 0, "bwd": 0}
-
-
-def enabled() -> bool:
-    """Whether the key-major path runs this variant (`config.sparse_keymajor_windowed`)."""
-    return bool(config.get().sparse_keymajor_windowed)
 
 
 # --- the entry list by counting -------------------------------------------------------------------
@@ -374,5 +368,5 @@ def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block
                                       causal, scale))["grads"]
 
 
-__all__ = ["enabled", "build_entries", "forward", "backward", "forward_phases", "backward_phases", "STATS",
+__all__ = ["build_entries", "forward", "backward", "forward_phases", "backward_phases", "STATS",
            "WINDOW", "BWD_WINDOW", "ENTRY_CHUNK"]
