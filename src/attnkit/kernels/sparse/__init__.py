@@ -295,4 +295,5 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     return out, lse
 
 
-__all__ = ["sparse_attention", "sparse_attn_fwd", "sparse_attn_bwd", "plan_query_tiles", "reverse_index", "why_not"]
+__all__ = ["sparse_attention", "sparse_attn_fwd", "sparse_attn_bwd", "plan_query_tiles", "reverse_index", "why_not",
+           "backward_delta", "KEYMAJOR_VARIANTS"]

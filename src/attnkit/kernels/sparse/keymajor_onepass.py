@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..jit import LN2, LOG2E, max_combine, mm, pow2, sum_combine
 from . import keymajor_windowed as windowed
-from .keymajor import Phases, _entry_rows, _entry_visible, _gather_rows, _pack_lse, run_phases
+from .keymajor import Phases, _block_n, _entry_rows, _entry_visible, _gather_rows, _pack_lse, run_phases
 from .keymajor_windowed import _item, _programs, build_entries
 from .plan import hsel_divisor
 from .querymajor import _key_tile
@@ -167,7 +167,7 @@ def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
     n, hsel, nq, s = indices.shape
     dev = q.device
     nkb = triton.cdiv(max(max_k, 1), k_block)
-    bn = min(max(16, pow2(k_block)), windowed.FWD_MAX_BLOCK_N)
+    bn = _block_n(k_block, windowed.FWD_MAX_BLOCK_N)
     n_sub = triton.cdiv(k_block, bn)
     bm = windowed.FWD_BLOCK_M
     chunk = max(bm, windowed.ENTRY_CHUNK // bm * bm)
