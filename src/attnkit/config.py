@@ -49,6 +49,8 @@ class Settings:
     autotune: bool = True  # ATTNKIT_NO_AUTOTUNE=1: first tile candidate, no timing
     decode_block_n: int = 64  # ATTNKIT_DECODE_BLOCK_N: keys per tile of the decode kernel
     decode_splits: Optional[int] = None  # ATTNKIT_DECODE_SPLITS: split-K programs per row (None: chosen)
+    # key-major kernels: "sorted" (keymajor.py), "windowed" (keymajor_windowed.py), "onepass" (keymajor_onepass.py)
+    sparse_keymajor_variant: str = "sorted"
     # experimental variants (see `variants()` and attnkit.explain)
     linear_compile: str = ""  # ATTNKIT_LINEAR_COMPILE: "1" inductor, or a torch.compile backend name
     # where the fast paths may run ("cpu" is added by tests to run them in Triton's interpreter)

@@ -11,7 +11,10 @@ with the kernels of `querymajor`:
   `k_block < 16` (DSA's token-level keys, `k_block == 1`);
 - key-major (`keymajor`): token mode with fewer than 8 query heads per selection row and KV
   head (MoBA's `Hsel == Hq`) and contiguous key blocks: a program owns a key block and gathers the
-  queries that selected it (`ATTNKIT_SPARSE_KEYMAJOR=0` turns it off).
+  queries that selected it (`ATTNKIT_SPARSE_KEYMAJOR=0` turns it off). The `sparse_keymajor_variant`
+  setting picks its kernels: `keymajor` ("sorted"), `keymajor_windowed` ("windowed": token-windowed
+  cells, a counting-sort entry list, persistent programs) or `keymajor_onepass` ("onepass": the
+  windowed traversal with a score bound instead of the LSE pass in the forward).
 
 The ops work on packed tensors (`[T_total, H, D]` with `cu_q`, `cu_k`); `sparse_attention` packs a
 batch (a view), runs the op and unpacks. `attnkit::sparse_attn_fwd` returns `(out, lse)`, its
@@ -27,9 +30,10 @@ from typing import Optional
 import torch
 import triton
 
+from ... import config
 from .. import launch_env as _launch_env
 from ..jit import dot_precision, pow2
-from . import keymajor
+from . import keymajor, keymajor_onepass, keymajor_windowed
 from . import querymajor as kern
 from .plan import (TilePlan, block_candidates, heads_per_tile, hsel_divisor, pick_config,  # noqa: F401
                    plan_query_tiles, tuned_configs)
@@ -37,6 +41,21 @@ from ...core.contract import AttnkitError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
+
+
+KEYMAJOR_VARIANTS = {  # setting -> (forward, backward)
+    "sorted": (keymajor.forward, keymajor.backward),
+    "windowed": (keymajor_windowed.forward, keymajor_windowed.backward),
+    "onepass": (keymajor_onepass.forward, keymajor_windowed.backward),
+}
+
+
+def _keymajor_variant():
+    """(forward, backward) of the key-major kernels the `sparse_keymajor_variant` setting picks."""
+    name = config.get().sparse_keymajor_variant
+    if name not in KEYMAJOR_VARIANTS:
+        raise AttnkitError(f"sparse_keymajor_variant: expected one of {sorted(KEYMAJOR_VARIANTS)}, got {name!r}")
+    return KEYMAJOR_VARIANTS[name]
 
 
 def _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scale, max_k=None):
@@ -49,7 +68,7 @@ def _forward(q, k, v, indices, cu_q, cu_k, max_q, q_block, k_block, causal, scal
     if tq == 0 or n == 0:
         return out, lse
     if max_k is not None and keymajor.uses_keymajor(hq, hkv, hsel, q_block, k_block):
-        return keymajor.forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale)
+        return _keymajor_variant()[0](q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale)
     p = plan_query_tiles(hq, hkv, hsel, q_block, k_block, d)
 
     def launch(cfg):
@@ -95,17 +114,25 @@ def reverse_index(indices: torch.Tensor, num_k_blocks: int) -> tuple[torch.Tenso
     return qoff.to(torch.int32), qlist
 
 
+def backward_delta(do: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   dlse: Optional[torch.Tensor]) -> torch.Tensor:
+    """`delta = rowsum(dO * O) - dlse`, `[Hq, Tq]` float32 (`dlse` ignored where the row saw no key):
+    the softmax-gradient term every backward kernel reads."""
+    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()  # [Hq, Tq]
+    if dlse is not None:
+        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
+    return delta
+
+
 def _backward(do, q, k, v, out, lse, dlse, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
     tq, hq, d = q.shape
     tk, hkv, dv = v.shape
     n, hsel, _, s = indices.shape
     do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()  # [Hq, Tq]
-    if dlse is not None:
-        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse.float())
+    delta = backward_delta(do, out, lse, dlse)
     if tq > 0 and n > 0 and keymajor.uses_keymajor(hq, hkv, hsel, q_block, k_block):
-        return keymajor.backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
-                                 causal, scale)
+        return _keymajor_variant()[1](do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
+                                      causal, scale)
     dq = torch.empty_like(q)
     g = hq // hkv
     div = hsel_divisor(hq, hkv, hsel)
@@ -268,4 +295,5 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     return out, lse
 
 
-__all__ = ["sparse_attention", "sparse_attn_fwd", "sparse_attn_bwd", "plan_query_tiles", "reverse_index", "why_not"]
+__all__ = ["sparse_attention", "sparse_attn_fwd", "sparse_attn_bwd", "plan_query_tiles", "reverse_index", "why_not",
+           "backward_delta", "KEYMAJOR_VARIANTS"]

@@ -207,6 +207,88 @@ def _lse_base2(LSE, lrow, ev):
 
 
 @triton.jit
+def _lse_item(Q, kT, LSE_E, ORDER, lo, hi, q_start, kn, kvalid, shift, sub, stride_qt, stride_qh, HQ, TPAD, S, N_SUB,
+              qk_scale, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Pass a over one work item (entries lo..hi of a cell, key tile kT [BLOCK_D, BLOCK_N]): each
+    entry's logsumexp over the tile into `LSE_E[pos * N_SUB + sub]`."""
+    for e0 in range(lo, hi, BLOCK_M):
+        ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
+        q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
+        s = mm(q, kT, DOT_PREC) * qk_scale
+        s = tl.where(_entry_visible(ev, kvalid, kn, tq, shift, CAUSAL), s, float("-inf"))
+        m = tl.reduce(s, 1, max_combine)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.reduce(tl.math.exp2(s - m_safe[:, None]), 1, sum_combine)
+        empty = l == 0.0
+        lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l))) * 0.6931471805599453)
+        tl.store(LSE_E + pos * N_SUB + sub, lse, mask=ev)
+
+
+@triton.jit
+def _out_item(Q, kT, v, OACC, LSE, ORDER, lo, hi, q_start, kn, kvalid, shift, stride_qt, stride_qh, stride_ot,
+              stride_oh, stride_lh, HQ, TPAD, S, qk_scale, D: tl.constexpr, DV: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+              DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr):
+    """Pass c over one work item: `exp(S - lse) @ V` added with float32 atomics into OACC rows
+    (`ATOMIC=False`: plain stores, wrong sums; only the profile benchmark uses it, to time the atomics)."""
+    dvr = tl.arange(0, BLOCK_DV)
+    for e0 in range(lo, hi, BLOCK_M):
+        ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
+        q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
+        lse2 = _lse_base2(LSE, head.to(tl.int64) * stride_lh + tok64, ev)
+        s = mm(q, kT, DOT_PREC) * qk_scale
+        vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
+        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+        o = mm(p.to(v.dtype), v, DOT_PREC)
+        optr = OACC + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dvr[None, :]
+        if ATOMIC:
+            tl.atomic_add(optr, o, mask=ev[:, None] & (dvr[None, :] < DV), sem="relaxed")
+        else:
+            tl.store(optr, o, mask=ev[:, None] & (dvr[None, :] < DV))
+
+
+@triton.jit
+def _bwd_item(Q, K, V, DO, DQ, DK_PTR, DV_PTR, LSE, DELTA, ORDER, hk, lo, hi, q_start, kn, kvalid, kn64, shift,
+              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+              stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+              HQ, TPAD, S, qk_scale, sm_scale,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Backward over one work item: dK / dV of the key tile summed over the item's entries and added
+    once; dQ rows (`dS @ K * scale`) added per step; all float32 atomics."""
+    d = tl.arange(0, BLOCK_D)
+    dvr = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + kn64[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                mask=kvalid[:, None] & (d[None, :] < D), other=0.0)
+    v = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + dvr[None, :],
+                mask=kvalid[:, None] & (dvr[None, :] < DV), other=0.0)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
+    for e0 in range(lo, hi, BLOCK_M):
+        ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
+        q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
+        do = _gather_rows(DO, tok64, head, ev, stride_dot, stride_doh, BLOCK_DV, DV)
+        lrow = head.to(tl.int64) * stride_lh + tok64
+        lse2 = _lse_base2(LSE, lrow, ev)
+        delta = tl.load(DELTA + lrow, mask=ev, other=0.0)
+        s = mm(q, tl.trans(k), DOT_PREC) * qk_scale
+        vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
+        p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dv += mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
+        dp = mm(do, tl.trans(v), DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC)
+        dq = mm(ds.to(k.dtype), k, DOT_PREC) * sm_scale
+        tl.atomic_add(DQ + tok64[:, None] * stride_dqt + head[:, None] * stride_dqh + d[None, :], dq,
+                      mask=ev[:, None] & (d[None, :] < D), sem="relaxed")
+    tl.atomic_add(DK_PTR + kn64[:, None] * stride_dkt + hk * stride_dkh + d[None, :], dk * sm_scale,
+                  mask=kvalid[:, None] & (d[None, :] < D), sem="relaxed")
+    tl.atomic_add(DV_PTR + kn64[:, None] * stride_dvt + hk * stride_dvh + dvr[None, :], dv,
+                  mask=kvalid[:, None] & (dvr[None, :] < DV), sem="relaxed")
+
+
+@triton.jit
 def _fwd_lse_kernel(
     Q, K, ORDER, OFF, WOFF, WCELL, LSE_E, CU_Q, CU_K,
     stride_qt, stride_qh, stride_kt, stride_kh,
@@ -221,17 +303,8 @@ def _fwd_lse_kernel(
         d = tl.arange(0, BLOCK_D)
         kT = tl.load(K + kn64[None, :] * stride_kt + hk * stride_kh + d[:, None],
                      mask=kvalid[None, :] & (d[:, None] < D), other=0.0)
-        for e0 in range(lo, hi, BLOCK_M):
-            ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
-            q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
-            s = mm(q, kT, DOT_PREC) * qk_scale
-            s = tl.where(_entry_visible(ev, kvalid, kn, tq, shift, CAUSAL), s, float("-inf"))
-            m = tl.reduce(s, 1, max_combine)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            l = tl.reduce(tl.math.exp2(s - m_safe[:, None]), 1, sum_combine)
-            empty = l == 0.0
-            lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l))) * 0.6931471805599453)
-            tl.store(LSE_E + pos * N_SUB + sub, lse, mask=ev)
+        _lse_item(Q, kT, LSE_E, ORDER, lo, hi, q_start, kn, kvalid, shift, sub, stride_qt, stride_qh, HQ, TPAD, S,
+                  N_SUB, qk_scale, D, BLOCK_D, BLOCK_M, CAUSAL, DOT_PREC)
 
 
 @triton.jit
@@ -241,25 +314,17 @@ def _fwd_out_kernel(
     CELLS, NKB, HKV, HQ, TPAD, S, k_block, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     sub = tl.program_id(1)
     work, hk, lo, hi, q_start, kn, kvalid, kn64, shift = _key_range(tl.program_id(0), sub, WCELL, OFF, WOFF, CU_Q,
                                                                     CU_K, CELLS, NKB, HKV, k_block, BLOCK_N, CHUNK)
     if work:
-        dvr = tl.arange(0, BLOCK_DV)
         kT, v = _key_tile(kn64, kvalid, K + hk * stride_kh, V + hk * stride_vh, stride_kt, stride_vt,
                           BLOCK_D, BLOCK_DV, D, DV)
-        for e0 in range(lo, hi, BLOCK_M):
-            ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
-            q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
-            lse2 = _lse_base2(LSE, head.to(tl.int64) * stride_lh + tok64, ev)
-            s = mm(q, kT, DOT_PREC) * qk_scale
-            vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
-            p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
-            o = mm(p.to(v.dtype), v, DOT_PREC)
-            tl.atomic_add(OACC + tok64[:, None] * stride_ot + head[:, None] * stride_oh + dvr[None, :], o,
-                          mask=ev[:, None] & (dvr[None, :] < DV), sem="relaxed")
+        _out_item(Q, kT, v, OACC, LSE, ORDER, lo, hi, q_start, kn, kvalid, shift, stride_qt, stride_qh, stride_ot,
+                  stride_oh, stride_lh, HQ, TPAD, S, qk_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, DOT_PREC,
+                  ATOMIC)
 
 
 @triton.jit
@@ -272,41 +337,15 @@ def _bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One program: a key tile of one KV head and a chunk of the entries that selected its block.
-    dK/dV of the tile are summed over the chunk and added once; dQ rows are added per step."""
+    """One program: a key tile of one KV head and a chunk of the entries that selected its block."""
     sub = tl.program_id(1)
     work, hk, lo, hi, q_start, kn, kvalid, kn64, shift = _key_range(tl.program_id(0), sub, WCELL, OFF, WOFF, CU_Q,
                                                                     CU_K, CELLS, NKB, HKV, k_block, BLOCK_N, CHUNK)
     if work:
-        d = tl.arange(0, BLOCK_D)
-        dvr = tl.arange(0, BLOCK_DV)
-        k = tl.load(K + kn64[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                    mask=kvalid[:, None] & (d[None, :] < D), other=0.0)
-        v = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + dvr[None, :],
-                    mask=kvalid[:, None] & (dvr[None, :] < DV), other=0.0)
-        dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
-        dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
-        for e0 in range(lo, hi, BLOCK_M):
-            ev, pos, tq, head, tok64 = _entry_rows(ORDER, e0, hi, q_start, S, TPAD, HQ, BLOCK_M)
-            q = _gather_rows(Q, tok64, head, ev, stride_qt, stride_qh, BLOCK_D, D)
-            do = _gather_rows(DO, tok64, head, ev, stride_dot, stride_doh, BLOCK_DV, DV)
-            lrow = head.to(tl.int64) * stride_lh + tok64
-            lse2 = _lse_base2(LSE, lrow, ev)
-            delta = tl.load(DELTA + lrow, mask=ev, other=0.0)
-            s = mm(q, tl.trans(k), DOT_PREC) * qk_scale
-            vis = _entry_visible(ev, kvalid, kn, tq, shift, CAUSAL)
-            p = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
-            dv += mm(tl.trans(p.to(do.dtype)), do, DOT_PREC)
-            dp = mm(do, tl.trans(v), DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dk += mm(tl.trans(ds.to(q.dtype)), q, DOT_PREC)
-            dq = mm(ds.to(k.dtype), k, DOT_PREC) * sm_scale
-            tl.atomic_add(DQ + tok64[:, None] * stride_dqt + head[:, None] * stride_dqh + d[None, :], dq,
-                          mask=ev[:, None] & (d[None, :] < D), sem="relaxed")
-        tl.atomic_add(DK_PTR + kn64[:, None] * stride_dkt + hk * stride_dkh + d[None, :], dk * sm_scale,
-                      mask=kvalid[:, None] & (d[None, :] < D), sem="relaxed")
-        tl.atomic_add(DV_PTR + kn64[:, None] * stride_dvt + hk * stride_dvh + dvr[None, :], dv,
-                      mask=kvalid[:, None] & (dvr[None, :] < DV), sem="relaxed")
+        _bwd_item(Q, K, V, DO, DQ, DK_PTR, DV_PTR, LSE, DELTA, ORDER, hk, lo, hi, q_start, kn, kvalid, kn64, shift,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                  stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+                  HQ, TPAD, S, qk_scale, sm_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC)
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -333,9 +372,23 @@ def _pack_lse(lse_row: torch.Tensor, cu_q: torch.Tensor, tq_total: int) -> torch
     return got.t().contiguous()
 
 
-def forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
-    """Packed key-major forward: q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> (out, lse [Hq, Tq])."""
-    STATS["fwd"] += 1
+Phases = list  # [(name, step)]: each step reads and extends a state dict
+
+
+def run_phases(phases: Phases) -> dict:
+    """Run the steps of `forward_phases` / `backward_phases` in order; the final state."""
+    st: dict = {}
+    for _, step in phases:
+        step(st)
+    return st
+
+
+def forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale,
+                   out_atomic: bool = True) -> Phases:
+    """The packed key-major forward as named steps (`entries`, `pass_a`, `lse_reduce`, `pass_c`,
+    `cast`), so the profile benchmark can time each; every step allocates what it writes, so a step
+    can be re-run on the same state. `out_atomic=False` (the profile's diagnostic only) makes pass c
+    store instead of add: wrong outputs, the time of pass c without its atomics."""
     tq, hq, d = q.shape
     hkv, dv = k.shape[1], v.shape[2]
     n = indices.shape[0]
@@ -344,42 +397,68 @@ def forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal
     bn = _block_n(k_block, FWD_MAX_BLOCK_N)
     n_sub = triton.cdiv(k_block, bn)
     chunk = max(FWD_BLOCK_M, ENTRY_CHUNK // FWD_BLOCK_M * FWD_BLOCK_M)
-    ent = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub)
-    tpad, s = ent.tpad, ent.s
     bd, bdv = max(16, pow2(d)), max(16, pow2(dv))
     warps = FWD_WARPS or (8 if bn >= 128 else 4)
     prec = _prec(q.dtype)
-    grid = (ent.wcell.numel(), n_sub)
-    lse_e = torch.full((n * hq * tpad * s * n_sub,), float("-inf"), dtype=torch.float32, device=dev)
-    if lse_e.numel():
-        _fwd_lse_kernel[grid](
-            q, k, ent.order, ent.off, ent.woff, ent.wcell, lse_e, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            ent.cells, nkb, hkv, hq, tpad, s, n_sub, k_block, scale * LOG2E,
-            D=d, BLOCK_D=bd, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=prec,
-            num_warps=warps, num_stages=2,
-        )
-    lse_row = torch.logsumexp(lse_e.view(n, tpad, hq, s * n_sub), -1)  # all -inf (or S == 0): -inf
-    del lse_e
-    lse = _pack_lse(lse_row, cu_q, tq)
-    del lse_row
-    oacc = torch.zeros(tq, hq, dv, dtype=torch.float32, device=dev)
-    if ent.order.numel() and s:
-        _fwd_out_kernel[grid](
-            q, k, v, oacc, lse, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            oacc.stride(0), oacc.stride(1), lse.stride(0),
-            ent.cells, nkb, hkv, hq, tpad, s, k_block, scale * LOG2E,
-            D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk,
-            CAUSAL=causal, DOT_PREC=prec, num_warps=warps, num_stages=2,
-        )
-    out = oacc if q.dtype == torch.float32 else oacc.to(q.dtype)
-    return out, lse
+
+    def entries(st):
+        st["ent"] = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub)
+
+    def pass_a(st):
+        ent = st["ent"]
+        lse_e = torch.full((n * hq * ent.tpad * ent.s * n_sub,), float("-inf"), dtype=torch.float32, device=dev)
+        if lse_e.numel():
+            _fwd_lse_kernel[(ent.wcell.numel(), n_sub)](
+                q, k, ent.order, ent.off, ent.woff, ent.wcell, lse_e, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                ent.cells, nkb, hkv, hq, ent.tpad, ent.s, n_sub, k_block, scale * LOG2E,
+                D=d, BLOCK_D=bd, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=prec,
+                num_warps=warps, num_stages=2,
+            )
+        st["lse_e"] = lse_e
+
+    def lse_reduce(st):
+        st["lse"] = reduce_lse(st["lse_e"], n, st["ent"].tpad, hq, st["ent"].s * n_sub, cu_q, tq)
+
+    def pass_c(st):
+        ent = st["ent"]
+        oacc = torch.zeros(tq, hq, dv, dtype=torch.float32, device=dev)
+        if ent.order.numel() and ent.s:
+            lse = st["lse"]
+            _fwd_out_kernel[(ent.wcell.numel(), n_sub)](
+                q, k, v, oacc, lse, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                oacc.stride(0), oacc.stride(1), lse.stride(0),
+                ent.cells, nkb, hkv, hq, ent.tpad, ent.s, k_block, scale * LOG2E,
+                D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_M=FWD_BLOCK_M, BLOCK_N=bn, CHUNK=ent.chunk,
+                CAUSAL=causal, DOT_PREC=prec, ATOMIC=out_atomic, num_warps=warps, num_stages=2,
+            )
+        st["oacc"] = oacc
+
+    def cast(st):
+        st["out"] = st["oacc"] if q.dtype == torch.float32 else st["oacc"].to(q.dtype)
+
+    return [("entries", entries), ("pass_a", pass_a), ("lse_reduce", lse_reduce), ("pass_c", pass_c),
+            ("cast", cast)]
 
 
-def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
-    """Packed key-major backward (`delta = rowsum(dO * O) - dlse`, `[Hq, Tq]`): (dq, dk, dv)."""
-    STATS["bwd"] += 1
+def reduce_lse(lse_e: torch.Tensor, n: int, tpad: int, hq: int, width: int, cu_q: torch.Tensor,
+               tq: int) -> torch.Tensor:
+    """Per-entry LSE `[N * Tpad * Hq * width]` (width = S * n_sub) -> row LSE, packed `[Hq, Tq]`."""
+    lse_row = torch.logsumexp(lse_e.view(n, tpad, hq, width), -1)  # all -inf (or width 0): -inf
+    return _pack_lse(lse_row, cu_q, tq)
+
+
+def forward(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
+    """Packed key-major forward: q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> (out, lse [Hq, Tq])."""
+    STATS["fwd"] += 1
+    st = run_phases(forward_phases(q, k, v, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale))
+    return st["out"], st["lse"]
+
+
+def backward_phases(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal,
+                    scale) -> Phases:
+    """The packed key-major backward as named steps (`entries`, `bwd_kernel`, `cast`)."""
     tq, hq, d = q.shape
     tk, hkv, dv = v.shape
     dev = q.device
@@ -390,24 +469,44 @@ def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block
     bm = BWD_BLOCK_M
     warps = BWD_WARPS or (8 if big else 4)
     chunk = max(bm, ENTRY_CHUNK // bm * bm)
-    ent = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub)
-    tpad, s = ent.tpad, ent.s
-    dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
-    dk = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
-    dvv = torch.zeros(tk, hkv, dv, dtype=torch.float32, device=dev)
-    if ent.order.numel() and s:
-        grid = (ent.wcell.numel(), n_sub)
-        _bwd_kernel[grid](
-            q, k, v, do, dq, dk, dvv, lse, delta, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-            dvv.stride(0), dvv.stride(1), lse.stride(0),
-            ent.cells, nkb, hkv, hq, tpad, s, k_block, scale * LOG2E, scale,
-            D=d, DV=dv, BLOCK_D=max(16, pow2(d)), BLOCK_DV=max(16, pow2(dv)), BLOCK_M=bm, BLOCK_N=bn,
-            CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=_prec(q.dtype), num_warps=warps, num_stages=2,
-        )
-    cast = (lambda x, ref: x) if q.dtype == torch.float32 else (lambda x, ref: x.to(ref.dtype))
-    return cast(dq, q), cast(dk, k), cast(dvv, v)
+
+    def entries(st):
+        st["ent"] = build_entries(indices, cu_q, cu_k, hq, hkv, q_block, k_block, nkb, causal, chunk, n_sub)
+
+    def bwd_kernel(st):
+        ent = st["ent"]
+        dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
+        dk = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
+        dvv = torch.zeros(tk, hkv, dv, dtype=torch.float32, device=dev)
+        if ent.order.numel() and ent.s:
+            _bwd_kernel[(ent.wcell.numel(), n_sub)](
+                q, k, v, do, dq, dk, dvv, lse, delta, ent.order, ent.off, ent.woff, ent.wcell, cu_q, cu_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+                dvv.stride(0), dvv.stride(1), lse.stride(0),
+                ent.cells, nkb, hkv, hq, ent.tpad, ent.s, k_block, scale * LOG2E, scale,
+                D=d, DV=dv, BLOCK_D=max(16, pow2(d)), BLOCK_DV=max(16, pow2(dv)), BLOCK_M=bm, BLOCK_N=bn,
+                CHUNK=ent.chunk, CAUSAL=causal, DOT_PREC=_prec(q.dtype), num_warps=warps, num_stages=2,
+            )
+        st["grads32"] = (dq, dk, dvv)
+
+    def cast(st):
+        st["grads"] = cast_grads(st["grads32"], q)
+
+    return [("entries", entries), ("bwd_kernel", bwd_kernel), ("cast", cast)]
 
 
-__all__ = ["uses_keymajor", "build_entries", "forward", "backward", "STATS", "ENTRY_CHUNK"]
+def cast_grads(grads32: tuple, q: torch.Tensor) -> tuple:
+    """float32 (dq, dk, dv) -> the inputs' dtype."""
+    return grads32 if q.dtype == torch.float32 else tuple(g.to(q.dtype) for g in grads32)
+
+
+def backward(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block, causal, scale):
+    """Packed key-major backward (`delta = rowsum(dO * O) - dlse`, `[Hq, Tq]`): (dq, dk, dv)."""
+    STATS["bwd"] += 1
+    return run_phases(backward_phases(do, q, k, v, lse, delta, indices, cu_q, cu_k, max_q, max_k, q_block, k_block,
+                                      causal, scale))["grads"]
+
+
+__all__ = ["uses_keymajor", "build_entries", "forward", "backward", "forward_phases", "backward_phases",
+           "run_phases", "STATS", "ENTRY_CHUNK"]
