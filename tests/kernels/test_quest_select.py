@@ -5,6 +5,8 @@ size; and a decode step replayed from a CUDA graph."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -116,10 +118,8 @@ def test_quest_selection_at_the_decode_target_size(gpu):
 
 @pytest.mark.gpu
 def test_quest_decode_step_runs_under_a_cuda_graph(gpu):
-    """Selection plus the decode kernel captured once and replayed: the same output as eager, and
-    the replay follows new queries (nothing was baked in by a host sync)."""
-    from attnkit.kernels.decode import paged_decode
-
+    """`Quest.attend` (selection, then the decode op) captured once and replayed: the same output as
+    eager, and the replay follows new queries (nothing was baked in by a host sync)."""
     torch.manual_seed(0)
     B, T, Hq, H, D = 2, 4096, 8, 2, 64
     c = PagedLayerCache(B, H, D, page_size=16, dtype=torch.bfloat16, device="cuda")
@@ -130,7 +130,7 @@ def test_quest_decode_step_runs_under_a_cuda_graph(gpu):
     q = torch.randn(B, 1, Hq, D, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        return paged_decode(q, c, quest.select(q, c, D ** -0.5), scale=D ** -0.5)[0]
+        return quest.attend(q, c)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -145,3 +145,27 @@ def test_quest_decode_step_runs_under_a_cuda_graph(gpu):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, step()), f"replay differs from eager for query seed {seed}"
+
+
+def test_quest_decode_step_reads_nothing_back_to_the_host(on_kernels):
+    """Selection (bound kernel, radix select) and the decode kernel through `Reader.attend`: no op
+    that would sync a GPU (the CPU twin of the CUDA-graph test); an untrusted selection of the same
+    pages is validated by reading it back, which the same counter sees."""
+    from attnkit.core.selection import KVSelection
+    from attnkit.ops.decode import decode_attention
+
+    from .helpers import host_reads
+
+    dev = on_kernels
+    c = _cache(2, 70, 2, 16, 4, torch.bfloat16, dev)
+    c.page_bounds()
+    q = torch.randn(2, 1, 4, 16, generator=torch.Generator().manual_seed(3)).to(dev, torch.bfloat16)
+    quest = Quest(topk=5)
+    # the decode op takes its interpreter twin only while TRITON_INTERPRET=1 is visible
+    with config.triton_interpret_set() if dev == "cpu" else contextlib.nullcontext():
+        assert host_reads(lambda: quest.attend(q, c, backend="triton")) == {}
+        sel = quest.select(q, c, 0.25)
+        untrusted = KVSelection(sel.indices, sel.q_block, sel.k_block)
+        assert host_reads(lambda: decode_attention(q, c, untrusted, backend="triton")).get(
+            "aten::_local_scalar_dense", 0) >= 2
+        assert torch.equal(decode_attention(q, c, untrusted, backend="triton"), quest.attend(q, c, backend="triton"))

@@ -37,8 +37,9 @@ def _group_queries(q: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def _rows_to_selection(rows: torch.Tensor, tq: int, k_block: int) -> KVSelection:
-    """`rows [B, Hkv, S]` (-1 padded, no duplicates) -> `KVSelection(B, Hkv, 1, S)` for all Tq queries."""
-    return KVSelection(rows.unsqueeze(2).to(torch.int32).contiguous(), q_block=tq, k_block=k_block)
+    """`rows [B, Hkv, S]` (-1 padded, no duplicates, in range: built here) -> `KVSelection(B, Hkv, 1, S)`
+    for all Tq queries, marked trusted (decode validates its shape only: no host sync)."""
+    return KVSelection(rows.unsqueeze(2).to(torch.int32).contiguous(), q_block=tq, k_block=k_block, trusted=True)
 
 
 class Reader:
