@@ -3,7 +3,7 @@ and the top pages of each cache row.
 
 Imported lazily by `kv.sparse.Quest` (never by `import attnkit`). The bound of one query row over a
 page with element-wise key bounds `lo, hi` is `sum_d max(q_d lo_d, q_d hi_d)`. One program owns one
-cache row (a KV head of one sequence) and `BLOCK_P` of its logical pages: it reads the page table,
+cache row (a KV head of one sequence) and `BLOCK_P` (autotuned) of its logical pages: it reads the page table,
 gathers the bounds of those pages straight from the pool (no `[B, Hkv, pages, D]` copy), scores
 them against every query row of the group (all query heads of the KV head, all decode queries,
 read straight from `q: [B, Tq, Hq, D]`) and keeps the maximum, so the bounds are read once per KV
@@ -30,14 +30,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import config
 from .. import launch_env
 from ..jit import max_combine, pow2, sum_combine
 from .radix_topk import radix_topk
 
-BLOCK_P = 64  # logical pages per program
 ROWWISE_MAX = 8  # query rows per KV head up to which the bound is summed row by row (no tl.dot)
+# pages per program and warps by measurement; one config under the interpreter (it cannot time)
+_CONFIGS = [triton.Config({"BLOCK_P": 16}, num_warps=4)] if config.triton_interpret() else \
+    [triton.Config({"BLOCK_P": p}, num_warps=w) for p in (32, 64, 128) for w in (4, 8)]
 
 
+@triton.autotune(configs=_CONFIGS, key=["D", "BLOCK_M", "ROWWISE", "FORCE"])
 @triton.jit
 def _quest_bound_kernel(Q, Seen, Lo, Hi, PT, PMax, Out,
                         stride_qb, stride_qt, stride_qh, n_heads_kv, G, Tq, maxp,
@@ -99,12 +103,11 @@ def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, p
     if q.stride(-1) != 1:
         q = q.contiguous()
     with launch_env():
-        _quest_bound_kernel[(R, triton.cdiv(maxp, BLOCK_P))](
+        _quest_bound_kernel[lambda meta: (R, triton.cdiv(maxp, meta["BLOCK_P"]))](
             q, seen.contiguous(), kmin.contiguous(), kmax.contiguous(), page_table.contiguous(),
             page_newest.contiguous(), out, q.stride(0), q.stride(1), q.stride(2), H, G, Tq, maxp,
-            D=D, BLOCK_M=pow2(G * Tq, 16), BLOCK_P=BLOCK_P, BLOCK_D=pow2(D, 16),
-            ROWWISE=G * Tq <= ROWWISE_MAX, FORCE=force,
-        )
+            D=D, BLOCK_M=pow2(G * Tq, 16), BLOCK_D=pow2(D, 16), ROWWISE=G * Tq <= ROWWISE_MAX, FORCE=force,
+        )  # BLOCK_P, num_warps: autotuned
     return out
 
 
