@@ -21,6 +21,8 @@ dense time of the same T. The JSON (`--out`) is rewritten after every row.
 
     PYTHONPATH=src python benchmarks/launch_count.py --out $OUT/launch_count_h100.json          # GPU
     PYTHONPATH=src python benchmarks/launch_count.py --device cpu --out /tmp/launch_count_cpu.json  # tiny, CPU
+    PYTHONPATH=src python benchmarks/launch_count.py --device cpu --interpret --stacks --seqlens 128 --out ...
+        # the GPU backends' counts on the CPU (kernels in Triton's interpreter), with where each sync / sort is
 """
 
 from __future__ import annotations
@@ -168,6 +170,13 @@ def calls(name: str, T: int, args: argparse.Namespace, tb: Any, device: torch.de
         q, k, v = leaves
 
         def fwd() -> torch.Tensor:
+            if args.interpret:  # the method's GPU backend, its kernels in Triton's CPU interpreter
+                from attnkit.core.contract import validate_attention
+                from attnkit.registry import get_method, parse_options
+
+                spec = get_method(name)
+                call = validate_attention(q, k, v, causal=True)
+                return spec.backend("triton").run(call, parse_options(spec, call, opts))
             return ak.attention(q, k, v, method=name, causal=True, **opts)
 
     def forward() -> Any:
@@ -210,6 +219,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--stacks", action="store_true", help="record where each sync op and sort is called")
+    ap.add_argument("--interpret", action="store_true",
+                    help="CPU only: run each method's GPU backend (`triton`) with its kernels in Triton's "
+                         "interpreter, so the counts are those of the GPU path (times are meaningless)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -219,6 +231,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.head_dim = args.head_dim or (128 if gpu else 16)
     warm, reps = args.warmup or (3 if gpu else 1), args.reps or (10 if gpu else 3)
     tb = _targets()
+    if args.interpret:
+        if gpu:
+            ap.error("--interpret runs on the CPU (--device cpu)")
+        from attnkit import config, kernels
+
+        with config.triton_interpret_set():
+            kernels.load()
+        cpu = ("cpu",)
+        settings = config.override(routed_topk_devices=cpu, dsa_indexer_devices=cpu, half_gemm_devices=cpu)
+        settings.__enter__()  # for the whole run
     if not gpu:  # CPU shapes: the methods' blocks and top-k scaled down with T
         tb.METHODS = {"moba": dict(block_size=32, topk=4), "nsa": dict(block_size=32, topk=4, window=64),
                       "dsa": dict(topk=64), "block_topk": dict(block_size=32, topk=4)}
@@ -234,10 +256,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 try:
                     fn()  # warm: compile, autotune
                     row.update(counts(fn, device, args.stacks))
-                    row["ms"] = timed(fn, device, warm, reps)
-                    if name == "dense":
+                    if not args.interpret:  # interpreter times say nothing about a GPU
+                        row["ms"] = timed(fn, device, warm, reps)
+                    if name == "dense" and "ms" in row:
                         dense_ms[mode] = row["ms"]
-                    elif mode in dense_ms:
+                    elif mode in dense_ms and "ms" in row:
                         row["vs_dense"] = row["ms"] / dense_ms[mode]
                 except Exception as e:  # a method that fails is a row, not the end of the run
                     row["error"] = f"{type(e).__name__}: {e}"[:400]
