@@ -113,7 +113,8 @@ def test_quest_selection_at_the_decode_target_size(gpu):
     with config.override(quest_kernel_devices=()):
         s_ref = Quest().page_scores(q, c, force_newest=True)
     fin = torch.isfinite(s_ref)
-    assert torch.equal(fin, torch.isfinite(s)) and (s - s_ref)[fin].abs().max() <= 1e-3
+    err = (s - s_ref)[fin].abs().max().item()
+    assert torch.equal(fin, torch.isfinite(s)) and err <= 1e-5 * (1 + s_ref[fin].abs().max().item()), err
 
 
 @pytest.mark.gpu
