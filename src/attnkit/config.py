@@ -57,6 +57,8 @@ class Settings:
     routed_topk_devices: tuple[str, ...] = ("cuda",)  # MoBA's and NSA's fused score + top-k kernels
     radix_topk_devices: tuple[str, ...] = ()  # DSA's radix select: measured slower than torch.topk
     dsa_indexer_devices: tuple[str, ...] = ("cuda",)
+    quest_kernel_devices: tuple[str, ...] = ("cuda",)  # Quest's page-bound kernel
+    quest_radix_devices: tuple[str, ...] = ("cuda",)  # Quest's top pages by radix select (else a stable sort)
     half_gemm_devices: tuple[str, ...] = ("cuda",)  # selection GEMMs keep half operands
     linear_compile_devices: tuple[str, ...] = ("cuda",)
     # files

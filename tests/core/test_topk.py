@@ -49,6 +49,38 @@ def test_equals_torch_topk_for_any_tiles(rows, cols, k, rc, cc, masked, seed):
     assert bool((i[~finite] == -1).all()), "non-candidates (-inf) must be reported as -1"
 
 
+def test_unordered_rows_hold_the_same_entries_with_one_sort_less():
+    """`ordered=False` (callers that reorder by index) returns each row's same (value, index) pairs
+    and calls `sort` once less: the dispatch mode counts the sorts."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(2, 9, 30, generator=g, dtype=torch.float64).masked_fill(
+        torch.rand(2, 9, 30, generator=g) < 0.3, float("-inf"))
+    seen: Counter = Counter()
+
+    class Sorts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen[func._schema.name] += 1
+            return func(*args, **(kwargs or {}))
+
+    out = {}
+    for ordered in (True, False):
+        seen.clear()
+        with Sorts():
+            out[ordered] = streaming_topk(lambda r, c: full[..., r, c], (2,), 9, 30, 5, row_chunk=4, col_chunk=7,
+                                          dtype=full.dtype, ordered=ordered)
+        out[ordered] += (seen["aten::sort"],)
+    (v1, i1, sorts1), (v0, i0, sorts0) = out[True], out[False]
+    assert sorts0 == sorts1 - 3, (sorts1, sorts0)  # one per row chunk (3 chunks of 4, 4, 1 rows)
+    key = lambda v, i: sorted(zip(v.tolist(), i.tolist()))  # noqa: E731
+    for r in range(2):
+        for q in range(9):
+            assert key(v0[r, q], i0[r, q]) == key(v1[r, q], i1[r, q]), f"row {r}, {q}"
+
+
 def test_forced_columns_come_first_and_col_stop_skips_tiles():
     full = torch.randn(6, 30, dtype=torch.float64)
     full[:, 25] = float("inf")  # forced where visible

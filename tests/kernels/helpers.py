@@ -140,3 +140,29 @@ def check_sparse(*, B=1, Tq, Tk, Hq, Hkv, Hsel, D, Dv=None, q_block, k_block, wi
     for name, a, o, b in zip(names, got, ref, base):
         assert_close_rule(a, o, b, f"{backend} {name}")
     return sel
+
+
+HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
+              "aten::unique_consecutive", "aten::masked_select", "aten::item")
+
+
+def host_reads(fn) -> dict[str, int]:
+    """The aten ops one call of `fn` makes that read a tensor's values back to the host (`.item()`,
+    `int()` / `bool()` of a tensor, `nonzero`, `unique`, `masked_select`): on the CPU they cost
+    nothing, on a GPU each is a host sync and breaks CUDA-graph capture. Counted by a dispatch mode,
+    so the check runs on any device."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: Counter = Counter()
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in HOST_READS:
+                found[func._schema.name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        fn()
+    return dict(found)

@@ -48,10 +48,9 @@ def _quest_kernel_ok(q, c) -> bool:
     kmin, kmax = c.page_bounds()
     qg = _group_queries(q, c.num_heads)
     first = (c.seen - q.shape[1]).view(-1, 1).expand(-1, c.num_heads).reshape(-1)
-    got = quest_page_scores(qg.reshape(c.rows, -1, qg.shape[-1]), kmin, kmax, c.page_table.view(c.rows, -1),
-                            c.page_newest(), first)
+    got = quest_page_scores(q, kmin, kmax, c.page_table.view(c.rows, -1), c.page_newest(), c.seen, True)
     pt = c.page_table.long().view(c.rows, -1)
-    lo, hi = kmin[pt.clamp_min(0)], kmax[pt.clamp_min(0)]  # the definition, term by term
+    lo, hi = kmin[pt.clamp_min(0)].float(), kmax[pt.clamp_min(0)].float()  # the definition, term by term
     direct = torch.maximum(qg.reshape(c.rows, -1, 1, qg.shape[-1]) * lo.unsqueeze(1),
                            qg.reshape(c.rows, -1, 1, qg.shape[-1]) * hi.unsqueeze(1)).sum(-1).amax(1)
     empty = (pt < 0) | torch.isinf(lo).all(-1)

@@ -16,7 +16,7 @@ packed run equals per-sequence runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -33,6 +33,10 @@ class KVSelection:
     indices: torch.Tensor  # int32 [B, Hsel, Nq, S], -1 padded
     q_block: int = 1
     k_block: int = 1
+    # True when the indices are in range and rows free of duplicates by construction (a selection
+    # attnkit's own code built at decode): `validate` then checks shapes only, without reading the
+    # indices back (a host sync per call, and not allowed while a CUDA graph is being captured)
+    trusted: bool = field(default=False, compare=False, repr=False)
 
     @property
     def num_heads(self) -> int:
@@ -122,6 +126,8 @@ class KVSelection:
                 f"selection.indices: expected Nq = ceil({tq} / q_block {self.q_block}) = {nq} query blocks, "
                 f"got shape {tuple(idx.shape)}"
             )
+        if self.trusted:
+            return self
         if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= nk):
             raise AttnkitError(
                 f"selection.indices: expected key-block ids in [-1, {nk}) (ceil({tk} / k_block {self.k_block})), "

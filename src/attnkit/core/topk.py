@@ -91,14 +91,16 @@ def streaming_topk(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     max_tile_elems: Optional[int] = None,
+    ordered: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise top-k of a `[*batch_shape, num_rows, num_cols]` score matrix given tile by tile.
 
     `score(rows, cols)` returns the tile `[*batch_shape, R, C]`. `col_stop(rows)` (optional) bounds
     the columns any row of the chunk can select (causal skipping: later tiles are not computed).
     Returns `(values, indices)`, each `[*batch_shape, num_rows, min(k, num_cols)]`, sorted by value
-    descending per row; `indices` is int32 with -1 (and `values` -inf) where a row has fewer than
-    `k` candidates. Memory: the outputs plus one tile and a `[R, 2k]` merge buffer.
+    descending per row (in no particular order with `ordered=False`: one sort less, for callers that
+    reorder the rows by index anyway); `indices` is int32 with -1 (and `values` -inf) where a row has
+    fewer than `k` candidates. Memory: the outputs plus one tile and a `[R, 2k]` merge buffer.
 
     `max_tile_elems` (with `col_stop`): a row chunk grows (doubling, from `row_chunk`) while its
     widest tile holds at most that many scores, so the short rows of a causal call share a tile.
@@ -146,8 +148,9 @@ def streaming_topk(
             best_v, best_i = v, i
         if best_v is None:
             continue
-        best_v, order = best_v.sort(dim=-1, descending=True)
-        best_i = best_i.gather(-1, order)
+        if ordered:
+            best_v, order = best_v.sort(dim=-1, descending=True)
+            best_i = best_i.gather(-1, order)
         n = best_v.shape[-1]
         values[..., rows, :n] = best_v.to(dtype)
         dropped = torch.isneginf(best_v)

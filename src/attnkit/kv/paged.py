@@ -75,8 +75,8 @@ class PagedLayerCache:
         self.score_pool = torch.zeros(pages, ps, dtype=torch.float32, device=dev)  # policy score per slot
         self.free_pages = torch.arange(pages - 1, -1, -1, dtype=torch.int64, device=dev)  # a stack
         # per-page key bounds and newest position (Quest): allocated by the first page_bounds() call
-        self._kmin: Optional[torch.Tensor] = None  # [P, D] float32
-        self._kmax: Optional[torch.Tensor] = None  # [P, D] float32
+        self._kmin: Optional[torch.Tensor] = None  # [P, D] in the key dtype
+        self._kmax: Optional[torch.Tensor] = None  # [P, D] in the key dtype
         self._pmax: Optional[torch.Tensor] = None  # [P] int64, newest position per page
         self._dirty = torch.ones(pages, dtype=torch.bool, device=dev)
         self._bounds_stale = True  # host-side: lets page_bounds() skip a device sync when nothing changed
@@ -324,8 +324,10 @@ class PagedLayerCache:
     # --- metadata for sparse decoding ------------------------------------------------------------
 
     def page_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Element-wise min and max of the valid keys of every page: `[P, D]` float32 each (Quest).
-        Only pages written or evicted since the last call are recomputed."""
+        """Element-wise min and max of the valid keys of every page: `[P, D]` each, in the key dtype
+        (Quest; the min and max of a page's keys are keys' values, so nothing is rounded; `+inf` /
+        `-inf` for a page without a valid key). Only pages written or evicted since the last call
+        are recomputed."""
         self._refresh_page_stats()
         return self._kmin, self._kmax
 
@@ -338,8 +340,8 @@ class PagedLayerCache:
     def _alloc_bounds(self) -> None:
         """Per-page bounds for the whole pool, every page marked dirty."""
         P, D, dev = self.num_pages, self.head_dim, self.device
-        self._kmin = torch.zeros(P, D, dtype=torch.float32, device=dev)
-        self._kmax = torch.zeros(P, D, dtype=torch.float32, device=dev)
+        self._kmin = torch.zeros(P, D, dtype=self.dtype, device=dev)
+        self._kmax = torch.zeros(P, D, dtype=self.dtype, device=dev)
         self._pmax = torch.full((P,), -1, dtype=torch.int64, device=dev)
         self._dirty = torch.ones(P, dtype=torch.bool, device=dev)
         self._bounds_stale = True
@@ -352,7 +354,7 @@ class PagedLayerCache:
         self._bounds_stale = False
         dirty = self._dirty.nonzero().squeeze(1)
         if dirty.numel():
-            k = self.k_pool[dirty].float()  # [n, ps, D]
+            k = self.k_pool[dirty]  # [n, ps, D]
             pos = self.pos_pool[dirty]
             valid = (pos >= 0).unsqueeze(-1)
             self._kmin[dirty] = torch.where(valid, k, float("inf")).amin(1)

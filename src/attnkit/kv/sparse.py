@@ -20,10 +20,10 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
+from .. import config, kernels
 from ..core.checks import check_int
 from ..core.contract import AttnkitError, OptionError, validate_attention
 from ..core.selection import KVSelection
-from ..kernels import device_ok
 from ..ops.decode import check_decode, decode_attention, slot_visibility
 from ..registry import get_method, parse_options
 from .paged import PagedLayerCache
@@ -37,8 +37,9 @@ def _group_queries(q: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def _rows_to_selection(rows: torch.Tensor, tq: int, k_block: int) -> KVSelection:
-    """`rows [B, Hkv, S]` (-1 padded, no duplicates) -> `KVSelection(B, Hkv, 1, S)` for all Tq queries."""
-    return KVSelection(rows.unsqueeze(2).to(torch.int32).contiguous(), q_block=tq, k_block=k_block)
+    """`rows [B, Hkv, S]` (-1 padded, no duplicates, in range: built here) -> `KVSelection(B, Hkv, 1, S)`
+    for all Tq queries, marked trusted (decode validates its shape only: no host sync)."""
+    return KVSelection(rows.unsqueeze(2).to(torch.int32).contiguous(), q_block=tq, k_block=k_block, trusted=True)
 
 
 class Reader:
@@ -74,8 +75,9 @@ class Quest(Reader):
         check_int("topk", self.topk, 1)
 
     def page_scores(self, q: torch.Tensor, cache: PagedLayerCache, force_newest: bool = False) -> torch.Tensor:
-        """Upper bounds per logical page: `[B, Hkv, maxp]` (-inf for unallocated or empty pages;
-        with `force_newest`, +inf for the pages holding a position of the decode queries).
+        """Upper bounds per logical page: `[B, Hkv, maxp]` float32 (float64 for a float64 query;
+        -inf for unallocated or empty pages; with `force_newest`, +inf for the pages holding a
+        position of the decode queries).
 
         `max_d(q_d lo_d, q_d hi_d)` summed over d is `relu(q) . hi + min(q, 0) . lo`, so the bound is
         two matmuls. On CUDA a Triton kernel gathers the bounds through the page table itself
@@ -83,30 +85,46 @@ class Quest(Reader):
         kmin, kmax = cache.page_bounds()  # [P, D]
         newest = cache.page_newest()  # [P]
         B, H = cache.batch, cache.num_heads
+        mod = None if q.dtype == torch.float64 else \
+            kernels.module_for("selection.quest", q.device, config.get().quest_kernel_devices)
+        if mod is not None:
+            rows = mod.quest_page_scores(q, kmin, kmax, cache.page_table.view(B * H, -1), newest, cache.seen,
+                                         force_newest)
+            return rows.view(B, H, -1)
         first = cache.seen - q.shape[1] if force_newest else torch.full_like(cache.seen, 2**62)  # [B]
         qg = _group_queries(q, H)  # [B, Hkv, GTq, D]
-        if qg.dtype == torch.float32 and qg.is_cuda and device_ok("cuda") is None:
-            from ..kernels.selection.quest import quest_page_scores
-
-            rows = quest_page_scores(qg.reshape(B * H, -1, qg.shape[-1]), kmin, kmax, cache.page_table.view(B * H, -1),
-                                     newest, first.view(B, 1).expand(B, H).reshape(-1))
-            return rows.view(B, H, -1)
         pt = cache.page_table.long().view(B, H, -1)  # [B, Hkv, maxp]
         lo, hi = kmin[pt.clamp_min(0)], kmax[pt.clamp_min(0)]  # [B, Hkv, maxp, D]
         empty = (pt < 0) | torch.isinf(lo[..., 0])  # a page holding a valid key has finite bounds
-        lo = lo.masked_fill(empty.unsqueeze(-1), 0.0).to(qg.dtype)
-        hi = hi.masked_fill(empty.unsqueeze(-1), 0.0).to(qg.dtype)
+        lo = lo.to(qg.dtype).masked_fill(empty.unsqueeze(-1), 0.0)
+        hi = hi.to(qg.dtype).masked_fill(empty.unsqueeze(-1), 0.0)
         bound = qg.clamp_min(0) @ hi.transpose(-1, -2) + qg.clamp_max(0) @ lo.transpose(-1, -2)  # [B, Hkv, GTq, maxp]
         bound = bound.amax(2).masked_fill(newest[pt.clamp_min(0)] >= first.view(B, 1, 1), float("inf"))
         return bound.masked_fill(empty, float("-inf"))
 
     def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> KVSelection:
+        """The `topk` pages with the largest bounds per KV head (ties to the smaller page; pages
+        scoring -inf are never listed). On CUDA: the bound kernel and a radix select, with no host
+        sync (a decode step can be captured in a CUDA graph)."""
         check_decode(q, cache, None, scale)
-        s = self.page_scores(q, cache, force_newest=True)
-        k = min(self.topk, s.shape[-1])
-        val, idx = s.topk(k, dim=-1)
-        idx = torch.where(torch.isneginf(val), -1, idx)
+        s = self.page_scores(q, cache, force_newest=True)  # [B, Hkv, maxp]
+        B, H, maxp = s.shape
+        mod = kernels.module_for("selection.quest", s.device, config.get().quest_radix_devices) \
+            if s.dtype == torch.float32 else None
+        if mod is not None:
+            idx = mod.quest_top_pages(s.view(B * H, maxp), self.topk).view(B, H, -1)
+        else:
+            idx = top_pages(s, self.topk)
         return _rows_to_selection(idx, q.shape[1], cache.page_size)
+
+
+def top_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The definition of Quest's choice: per row of `scores [..., maxp]`, the `k` largest, equal
+    scores by the smaller page first (a stable descending sort), `-1` for any that scores `-inf`
+    (unallocated or empty): `[..., min(k, maxp)]` int64."""
+    val, idx = scores.sort(dim=-1, descending=True, stable=True)
+    k = min(k, scores.shape[-1])
+    return torch.where(torch.isneginf(val[..., :k]), -1, idx[..., :k])
 
 
 # --- recycled --------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def policy(call: AttentionCall, opts: BlockTopkOptions) -> KVSelection:
 
         row_chunk, col_chunk = tile_sizes(nq, nk, elems_per_pair=N * Hq * 2, device=dev)
         _, top = streaming_topk(score, (N, Hq), nq, nk, opts.topk, row_chunk=row_chunk, col_chunk=col_chunk,
-                                dtype=cd, device=dev)
+                                dtype=cd, device=dev, ordered=False)  # compact_rows orders by block
         # forced blocks: sinks, then the local span (at most local + 1 blocks: a misaligned query block
         # straddles two key blocks); duplicates and non-candidates become -1
         sink_ids = torch.arange(min(opts.sinks, nk), device=dev).view(1, 1, -1).expand(N, nq, -1)

@@ -152,7 +152,7 @@ def policy(call: AttentionCall, opts: DsaOptions) -> KVSelection:
             return KVSelection(idx.unsqueeze(1), q_block=1, k_block=1)
         _, idx = streaming_topk(indexer, (N,), Tq, Tk, opts.topk, row_chunk=row_chunk, col_chunk=col_chunk,
                                 col_stop=col_stop, dtype=compute_dtype(call.dtype), device=dev,
-                                max_tile_elems=tile_budget(dev) // per_pair)
+                                max_tile_elems=tile_budget(dev) // per_pair, ordered=False)
     return KVSelection(compact_rows(idx.unsqueeze(1), opts.topk), q_block=1, k_block=1)
 
 

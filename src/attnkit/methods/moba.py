@@ -99,7 +99,7 @@ def policy(call: AttentionCall, opts: MobaOptions) -> KVSelection:
         row_chunk, col_chunk = tile_sizes(Tq, nk, elems_per_pair=per_pair, device=dev)
         _, idx = streaming_topk(score, (N, Hq), Tq, nk, opts.topk, row_chunk=row_chunk, col_chunk=col_chunk,
                                 col_stop=col_stop, dtype=cd, device=dev,
-                                max_tile_elems=tile_budget(dev) // per_pair)
+                                max_tile_elems=tile_budget(dev) // per_pair, ordered=False)
     return KVSelection(compact_rows(idx, opts.topk), q_block=1, k_block=bs)
 
 
