@@ -55,6 +55,7 @@ class Settings:
     routed_topk_devices: tuple[str, ...] = ("cuda",)  # MoBA's and NSA's fused score + top-k kernels
     radix_topk_devices: tuple[str, ...] = ()  # DSA's radix select: measured slower than torch.topk
     dsa_indexer_devices: tuple[str, ...] = ("cuda",)
+    dsa_fused_topk_devices: tuple[str, ...] = ()  # DSA's indexer fused with its top-k: not yet measured
     half_gemm_devices: tuple[str, ...] = ("cuda",)  # selection GEMMs keep half operands
     linear_compile_devices: tuple[str, ...] = ("cuda",)
     # files

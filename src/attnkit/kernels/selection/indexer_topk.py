@@ -36,7 +36,15 @@ import triton
 import triton.language as tl
 
 from .. import launch_env
-from ..jit import max_combine, mm, pow2, sum_combine
+from ..jit import mm, pow2
+
+# Triton's own combine functions, passed to `tl.reduce` / `tl.associative_scan` directly (not through
+# `tl.sum`, a jit function built for whichever mode Triton was first imported in): on the GPU they
+# compile like any combine function, and Triton's CPU interpreter runs them through NumPy instead of
+# element by element, which keeps the interpreter twins of these many-pass kernels fast.
+_SUM = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+_MIN = tl.standard._elementwise_min
 
 # launch knobs (module attributes: tests shrink them to many small tiles, the benchmark tunes them)
 BLOCK_M = 64  # query rows per program of the bracket kernel
@@ -50,11 +58,6 @@ MIN_CAP = 1024
 MAX_CAP = 16384  # the buffer row lives in registers in step 2; wider selections take another path
 KEY_MIN = -2147483648
 KEY_MAX = 2147483647  # above every finite or infinite score's key
-
-
-@triton.jit
-def _min_combine(a, b):
-    return tl.minimum(a, b)
 
 
 @triton.jit
@@ -142,8 +145,8 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
     ks = tl.load(K_SEQ + js[:, None] * stride_kt + d[None, :], mask=(js < lim)[:, None] & d_in[None, :], other=0.0)
     us = _key(_scores(Q_ROWS, W_ROWS, stride_qh, stride_wh, tl.trans(ks), r_in, d_in, HI, BLOCK_M, SAMPLE, DOT_PREC))
     s_ok = r_in[:, None] & (js < lim)[None, :]
-    s_lo = tl.reduce(tl.where(s_ok, us, KEY_MAX), 1, _min_combine).to(tl.int64)
-    s_hi = tl.reduce(tl.where(s_ok, us, KEY_MIN), 1, max_combine).to(tl.int64)  # empty: s_lo > s_hi
+    s_lo = tl.reduce(tl.where(s_ok, us, KEY_MAX), 1, _MIN).to(tl.int64)
+    s_hi = tl.reduce(tl.where(s_ok, us, KEY_MIN), 1, _MAX).to(tl.int64)  # empty: s_lo > s_hi
 
     lo = tl.full((BLOCK_M,), KEY_MIN, tl.int64)
     hi = tl.full((BLOCK_M,), KEY_MAX, tl.int64)
@@ -152,7 +155,7 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
     flt_ok = tl.full((BLOCK_M,), 1, tl.int1)
     cols = tl.arange(0, EDGES)
     rnd = tl.full((), 0, tl.int32)
-    todo = tl.reduce(((n_lo > cap) & (hi - lo > 1)).to(tl.int32), 0, sum_combine)
+    todo = tl.reduce(((n_lo > cap) & (hi - lo > 1)).to(tl.int32), 0, _SUM)
     while todo > 0:
         a = tl.maximum(lo, s_lo)
         z = tl.minimum(hi, s_hi)
@@ -165,20 +168,20 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
                                   d_in, HI, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC)
             for b in tl.static_range(EDGES):
                 e = _edge(b, lo, hi, flt, a_f, step_f, EDGES).to(tl.int32)
-                c = tl.reduce((vis & (u >= e[:, None])).to(tl.int32), 1, sum_combine).to(tl.int64)
+                c = tl.reduce((vis & (u >= e[:, None])).to(tl.int32), 1, _SUM).to(tl.int64)
                 counts += tl.where(cols[None, :] == b, c[:, None], 0)
         # edges e_0 <= ... <= e_{E-1}: the new bracket is [e_{m-1}, e_m) for m = #(edges with count >= k)
         edges = tl.full((BLOCK_M, EDGES), 0, tl.int64)
         for b in tl.static_range(EDGES):
             edges += tl.where(cols[None, :] == b, _edge(b, lo, hi, flt, a_f, step_f, EDGES)[:, None], 0)
-        m = tl.reduce((counts >= k).to(tl.int32), 1, sum_combine)
+        m = tl.reduce((counts >= k).to(tl.int32), 1, _SUM)
         pick_lo = cols[None, :] == (m - 1)[:, None]
         pick_hi = cols[None, :] == m[:, None]
         active = (n_lo > cap) & (hi - lo > 1)
-        new_lo = tl.where(m > 0, tl.reduce(tl.where(pick_lo, edges, 0), 1, sum_combine), lo)
-        new_nlo = tl.where(m > 0, tl.reduce(tl.where(pick_lo, counts, 0), 1, sum_combine), n_lo)
-        new_hi = tl.where(m < EDGES, tl.reduce(tl.where(pick_hi, edges, 0), 1, sum_combine), hi)
-        new_nhi = tl.where(m < EDGES, tl.reduce(tl.where(pick_hi, counts, 0), 1, sum_combine), n_hi)
+        new_lo = tl.where(m > 0, tl.reduce(tl.where(pick_lo, edges, 0), 1, _SUM), lo)
+        new_nlo = tl.where(m > 0, tl.reduce(tl.where(pick_lo, counts, 0), 1, _SUM), n_lo)
+        new_hi = tl.where(m < EDGES, tl.reduce(tl.where(pick_hi, edges, 0), 1, _SUM), hi)
+        new_nhi = tl.where(m < EDGES, tl.reduce(tl.where(pick_hi, counts, 0), 1, _SUM), n_hi)
         stuck = (new_lo == lo) & (new_hi == hi)
         flt_ok = flt_ok & ~(active & flt & stuck)  # value spacing could not split it: key spacing next
         lo = tl.where(active, new_lo, lo)
@@ -186,7 +189,7 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
         n_lo = tl.where(active, new_nlo, n_lo)
         n_hi = tl.where(active, new_nhi, n_hi)
         rnd += 1
-        todo = tl.reduce(((n_lo > cap) & (hi - lo > 1)).to(tl.int32), 0, sum_combine)
+        todo = tl.reduce(((n_lo > cap) & (hi - lo > 1)).to(tl.int32), 0, _SUM)
 
     # compact: every key >= hi, then bracket keys in index order while the buffer has room
     room = cap - n_hi
@@ -198,13 +201,13 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
         u, vis, j = _key_tile(K_SEQ, stride_kt, Q_ROWS, W_ROWS, stride_qh, stride_wh, c0, klen, pos, r_in, d,
                               d_in, HI, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC)
         inb = vis & (u >= lo32[:, None]) & (u < hi32[:, None])
-        rank = seen[:, None] + tl.associative_scan(inb.to(tl.int64), 1, sum_combine) - 1
+        rank = seen[:, None] + tl.associative_scan(inb.to(tl.int64), 1, _SUM) - 1
         sel = (vis & (u >= hi32[:, None])) | (inb & (rank < room[:, None]))
-        at = taken[:, None] + tl.associative_scan(sel.to(tl.int64), 1, sum_combine) - 1
+        at = taken[:, None] + tl.associative_scan(sel.to(tl.int64), 1, _SUM) - 1
         tl.store(BUF_KEY + out_row[:, None] + at, u, mask=sel)
         tl.store(BUF_IDX + out_row[:, None] + at, tl.broadcast_to(j.to(tl.int32)[None, :], (BLOCK_M, BLOCK_N)), mask=sel)
-        taken += tl.reduce(sel.to(tl.int64), 1, sum_combine)
-        seen += tl.reduce(inb.to(tl.int64), 1, sum_combine)
+        taken += tl.reduce(sel.to(tl.int64), 1, _SUM)
+        seen += tl.reduce(inb.to(tl.int64), 1, _SUM)
     tl.store(COUNT + n64 * stride_cn + r, taken.to(tl.int32), mask=r_in)
 
 
@@ -227,16 +230,16 @@ def _buffer_select_kernel(BUF_KEY, BUF_IDX, COUNT, OUT, R, k, stride_bn, stride_
         hi = tl.full((), KEY_MAX, tl.int64) + 1
         while hi - lo > 1:
             mid = (lo + hi) >> 1
-            c = tl.reduce((ok & (u.to(tl.int64) >= mid)).to(tl.int32), 0, sum_combine)
+            c = tl.reduce((ok & (u.to(tl.int64) >= mid)).to(tl.int32), 0, _SUM)
             big = c >= k
             lo = tl.where(big, mid, lo)
             hi = tl.where(big, hi, mid)
         t = lo.to(tl.int32)
         gt = ok & (u > t)
         eq = ok & (u == t)
-        need = k - tl.reduce(gt.to(tl.int32), 0, sum_combine)
-        sel = gt | (eq & (tl.associative_scan(eq.to(tl.int32), 0, sum_combine) <= need))
-        at = tl.associative_scan(sel.to(tl.int32), 0, sum_combine) - 1
+        need = k - tl.reduce(gt.to(tl.int32), 0, _SUM)
+        sel = gt | (eq & (tl.associative_scan(eq.to(tl.int32), 0, _SUM) <= need))
+        at = tl.associative_scan(sel.to(tl.int32), 0, _SUM) - 1
         tl.store(out + at, idx, mask=sel)
 
 
