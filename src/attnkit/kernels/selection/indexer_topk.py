@@ -101,13 +101,26 @@ def _key_tile(K_SEQ, stride_kt, Q_ROWS, W_ROWS, stride_qh, stride_wh, c0, klen, 
 
 
 @triton.jit
-def _edge(b, lo, hi, flt, a_f, step_f, EDGES: tl.constexpr):
-    """Edge `b` of each row's bracket `[lo, hi)` (int64 keys): value-spaced from `a_f` by `step_f`
-    where `flt`, else key-spaced; inside `[lo, hi]` and nondecreasing in b."""
-    by_key = lo + ((hi - lo) * (b + 1)) // (EDGES + 1)
-    by_value = _key(a_f + b * step_f).to(tl.int64)
-    e = tl.where(flt, by_value, by_key)
-    return tl.minimum(tl.maximum(e, lo), hi)
+def _edges(lo, hi, s_lo, s_hi, by_value, cols, EDGES: tl.constexpr):
+    """The edges `[BLOCK_M, EDGES]` (int64 keys, nondecreasing, inside `[lo, hi]`) of each row's
+    bracket `[lo, hi)`. Where the bracket meets the sample's range `[s_lo, s_hi]`, the first and last
+    edges are that range's ends and the others lie between, spaced evenly in value where `by_value`
+    (else in key); elsewhere they are spaced evenly in key over the bracket."""
+    a = tl.maximum(lo, s_lo)
+    z = tl.minimum(hi, s_hi + 1)
+    inside = a < z
+    b = cols[None, :]
+    use_value = (inside & by_value)[:, None]
+    a_f = _value(tl.where(inside & by_value, a, 0).to(tl.int32))
+    z_f = _value(tl.where(inside & by_value, z, 0).to(tl.int32))
+    t = b.to(tl.float32) / (EDGES - 1)
+    value_spaced = _key(a_f[:, None] + (z_f - a_f)[:, None] * t).to(tl.int64)
+    key_spaced = a[:, None] + ((z - a)[:, None] * b) // (EDGES - 1)
+    e = tl.where(use_value, value_spaced, key_spaced)
+    e = tl.where(b == 0, a[:, None], tl.where(b == EDGES - 1, z[:, None], e))
+    e = tl.minimum(tl.maximum(e, a[:, None]), z[:, None])
+    spread = lo[:, None] + ((hi - lo)[:, None] * (b + 1)) // (EDGES + 1)
+    return tl.where(inside[:, None], e, spread)
 
 
 @triton.jit
@@ -158,22 +171,24 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
     todo = tl.reduce(((n_lo > cap) & (hi - lo > 1)).to(tl.int32), 0, _SUM)
     while todo > 0:
         a = tl.maximum(lo, s_lo)
-        z = tl.minimum(hi, s_hi)
-        flt = flt_ok & (a < z) & (z - a > EDGES) & (rnd < FLOAT_ROUNDS)
-        a_f = _value(tl.where(flt, a, 0).to(tl.int32))
-        step_f = (_value(tl.where(flt, z, 0).to(tl.int32)) - a_f) / (EDGES - 1)
+        z = tl.minimum(hi, s_hi + 1)
+        by_value = flt_ok & (z - a > EDGES) & (rnd < FLOAT_ROUNDS)
+        edges = _edges(lo, hi, s_lo, s_hi, by_value, cols, EDGES)
         counts = tl.full((BLOCK_M, EDGES), 0, tl.int64)
+        in_lo = tl.full((BLOCK_M,), KEY_MAX, tl.int32)  # the smallest and largest key inside the bracket
+        in_hi = tl.full((BLOCK_M,), KEY_MIN, tl.int32)
+        lo32, hi32 = lo.to(tl.int32), hi.to(tl.int32)
         for c0 in range(0, stop, BLOCK_N):
             u, vis, j = _key_tile(K_SEQ, stride_kt, Q_ROWS, W_ROWS, stride_qh, stride_wh, c0, klen, pos, r_in, d,
                                   d_in, HI, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC)
             for b in tl.static_range(EDGES):
-                e = _edge(b, lo, hi, flt, a_f, step_f, EDGES).to(tl.int32)
+                e = tl.reduce(tl.where(cols[None, :] == b, edges, 0), 1, _SUM).to(tl.int32)
                 c = tl.reduce((vis & (u >= e[:, None])).to(tl.int32), 1, _SUM).to(tl.int64)
                 counts += tl.where(cols[None, :] == b, c[:, None], 0)
-        # edges e_0 <= ... <= e_{E-1}: the new bracket is [e_{m-1}, e_m) for m = #(edges with count >= k)
-        edges = tl.full((BLOCK_M, EDGES), 0, tl.int64)
-        for b in tl.static_range(EDGES):
-            edges += tl.where(cols[None, :] == b, _edge(b, lo, hi, flt, a_f, step_f, EDGES)[:, None], 0)
+            inb = vis & (u >= lo32[:, None]) & (u < hi32[:, None])
+            in_lo = tl.minimum(in_lo, tl.reduce(tl.where(inb, u, KEY_MAX), 1, _MIN))
+            in_hi = tl.maximum(in_hi, tl.reduce(tl.where(inb, u, KEY_MIN), 1, _MAX))
+        # the new bracket is [e_{m-1}, e_m) for m = #(edges with count >= k), shrunk to the keys it holds
         m = tl.reduce((counts >= k).to(tl.int32), 1, _SUM)
         pick_lo = cols[None, :] == (m - 1)[:, None]
         pick_hi = cols[None, :] == m[:, None]
@@ -183,9 +198,9 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
         new_hi = tl.where(m < EDGES, tl.reduce(tl.where(pick_hi, edges, 0), 1, _SUM), hi)
         new_nhi = tl.where(m < EDGES, tl.reduce(tl.where(pick_hi, counts, 0), 1, _SUM), n_hi)
         stuck = (new_lo == lo) & (new_hi == hi)
-        flt_ok = flt_ok & ~(active & flt & stuck)  # value spacing could not split it: key spacing next
-        lo = tl.where(active, new_lo, lo)
-        hi = tl.where(active, new_hi, hi)
+        flt_ok = flt_ok & ~(active & by_value & stuck)  # value spacing could not split it: key spacing next
+        lo = tl.where(active, tl.maximum(new_lo, in_lo.to(tl.int64)), lo)
+        hi = tl.where(active, tl.minimum(new_hi, in_hi.to(tl.int64) + 1), hi)
         n_lo = tl.where(active, new_nlo, n_lo)
         n_hi = tl.where(active, new_nhi, n_hi)
         rnd += 1
