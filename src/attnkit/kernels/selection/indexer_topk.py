@@ -56,8 +56,8 @@ FLOAT_ROUNDS = 4  # rounds with value-spaced edges before key-spaced ones
 CAP_FACTOR = 2  # buffer width: the power of two >= CAP_FACTOR * k (and >= MIN_CAP)
 MIN_CAP = 1024
 MAX_CAP = 16384  # the buffer row lives in registers in step 2; wider selections take another path
-KEY_MIN = -2147483648
-KEY_MAX = 2147483647  # above every finite or infinite score's key
+KEY_MIN = tl.constexpr(-2147483648)
+KEY_MAX = tl.constexpr(2147483647)  # above every finite or infinite score's key
 
 
 @triton.jit
@@ -98,6 +98,13 @@ def _key_tile(K_SEQ, stride_kt, Q_ROWS, W_ROWS, stride_qh, stride_wh, c0, klen, 
     if CAUSAL:
         vis = vis & (j[None, :] <= pos[:, None])
     return u, vis, j
+
+
+@triton.jit
+def _prefix_count(x, tri):
+    """Inclusive running count along each row of a boolean tile, as a dot with the upper-triangular
+    ones `tri` (exact in float32; a tensor-core op on the dot's own layout, where a scan is not)."""
+    return mm(x.to(tl.float16), tri, "tf32").to(tl.int64)
 
 
 @triton.jit
@@ -174,7 +181,7 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
         z = tl.minimum(hi, s_hi + 1)
         by_value = flt_ok & (z - a > EDGES) & (rnd < FLOAT_ROUNDS)
         edges = _edges(lo, hi, s_lo, s_hi, by_value, cols, EDGES)
-        counts = tl.full((BLOCK_M, EDGES), 0, tl.int64)
+        counts = tl.full((BLOCK_M, EDGES), 0, tl.int32)
         in_lo = tl.full((BLOCK_M,), KEY_MAX, tl.int32)  # the smallest and largest key inside the bracket
         in_hi = tl.full((BLOCK_M,), KEY_MIN, tl.int32)
         lo32, hi32 = lo.to(tl.int32), hi.to(tl.int32)
@@ -183,7 +190,7 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
                                   d_in, HI, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC)
             for b in tl.static_range(EDGES):
                 e = tl.reduce(tl.where(cols[None, :] == b, edges, 0), 1, _SUM).to(tl.int32)
-                c = tl.reduce((vis & (u >= e[:, None])).to(tl.int32), 1, _SUM).to(tl.int64)
+                c = tl.reduce((vis & (u >= e[:, None])).to(tl.int32), 1, _SUM)
                 counts += tl.where(cols[None, :] == b, c[:, None], 0)
             inb = vis & (u >= lo32[:, None]) & (u < hi32[:, None])
             in_lo = tl.minimum(in_lo, tl.reduce(tl.where(inb, u, KEY_MAX), 1, _MIN))
@@ -212,13 +219,14 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
     taken = tl.full((BLOCK_M,), 0, tl.int64)
     lo32, hi32 = lo.to(tl.int32), hi.to(tl.int32)
     out_row = n64 * stride_bn + r.to(tl.int64) * stride_br
+    tri = (tl.arange(0, BLOCK_N)[:, None] <= tl.arange(0, BLOCK_N)[None, :]).to(tl.float16)
     for c0 in range(0, stop, BLOCK_N):
         u, vis, j = _key_tile(K_SEQ, stride_kt, Q_ROWS, W_ROWS, stride_qh, stride_wh, c0, klen, pos, r_in, d,
                               d_in, HI, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC)
         inb = vis & (u >= lo32[:, None]) & (u < hi32[:, None])
-        rank = seen[:, None] + tl.associative_scan(inb.to(tl.int64), 1, _SUM) - 1
+        rank = seen[:, None] + _prefix_count(inb, tri) - 1
         sel = (vis & (u >= hi32[:, None])) | (inb & (rank < room[:, None]))
-        at = taken[:, None] + tl.associative_scan(sel.to(tl.int64), 1, _SUM) - 1
+        at = taken[:, None] + _prefix_count(sel, tri) - 1
         tl.store(BUF_KEY + out_row[:, None] + at, u, mask=sel)
         tl.store(BUF_IDX + out_row[:, None] + at, tl.broadcast_to(j.to(tl.int32)[None, :], (BLOCK_M, BLOCK_N)), mask=sel)
         taken += tl.reduce(sel.to(tl.int64), 1, _SUM)
