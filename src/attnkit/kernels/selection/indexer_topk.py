@@ -11,13 +11,15 @@ are recomputed on every pass over the keys, so a pass costs about one indexer GE
 1. `_bracket_compact_kernel`, one program per `BLOCK_M` query rows. A row's state is a bracket of
    order-preserving 32-bit score keys `[lo, hi)` with `#(keys >= lo) >= k > #(keys >= hi)`, at
    first everything. Each round streams the key tiles, recomputes the scores (`tl.dot` per indexer
-   head) and counts, per row, the keys at or above `EDGES` edges inside the bracket; the bracket
-   shrinks to the pair of edges around the k-th largest. Edges are spaced evenly in score value
-   between the bracket's ends (clipped to the range of a small strided sample of the row, taken
-   first), then, for brackets that value spacing cannot split, evenly in key space, which always
-   splits. A row is done when at most `cap` keys are at or above `lo` (or the bracket holds one
-   key value: ties). A last pass compacts, in index order, every key at or above `hi` and the first
-   `cap - #(keys >= hi)` of the bracket into a `[rows, cap]` buffer of (key, index).
+   head) and counts, per row, the keys at or above `EDGES` edges; the bracket becomes the pair of
+   edges around the k-th largest, shrunk to the smallest and largest key it holds. Where the bracket
+   meets the range of a small strided sample of the row's scores (taken first), the edges are that
+   range's ends and points spaced evenly in score value between them (for `FLOAT_ROUNDS` rounds, or
+   until value spacing stops splitting: then in key space, which always splits); elsewhere they are
+   spaced evenly in key space over the bracket. A row is done when at most `cap` keys are at or
+   above `lo`, or when the bracket holds a single key value (ties). A last pass compacts, in index
+   order, every key at or above `hi` and the first `cap - #(keys >= hi)` of the bracket into a
+   `[rows, cap]` buffer of (key, index).
 2. `_buffer_select_kernel`, one program per row: the exact k-th largest key of the row's buffer
    (a bisection over key values, the buffer in registers), then every larger key and the first
    equal ones still needed, in index order.
@@ -228,7 +230,8 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
         sel = (vis & (u >= hi32[:, None])) | (inb & (rank < room[:, None]))
         at = taken[:, None] + _prefix_count(sel, tri) - 1
         tl.store(BUF_KEY + out_row[:, None] + at, u, mask=sel)
-        tl.store(BUF_IDX + out_row[:, None] + at, tl.broadcast_to(j.to(tl.int32)[None, :], (BLOCK_M, BLOCK_N)), mask=sel)
+        idx = tl.broadcast_to(j.to(tl.int32)[None, :], (BLOCK_M, BLOCK_N))
+        tl.store(BUF_IDX + out_row[:, None] + at, idx, mask=sel)
         taken += tl.reduce(sel.to(tl.int64), 1, _SUM)
         seen += tl.reduce(inb.to(tl.int64), 1, _SUM)
     tl.store(COUNT + n64 * stride_cn + r, taken.to(tl.int32), mask=r_in)
