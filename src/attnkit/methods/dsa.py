@@ -189,8 +189,9 @@ def policy(call: AttentionCall, opts: DsaOptions) -> KVSelection:
 
 def _fused_rows(view: SeqView, opts: DsaOptions, fused: Any) -> torch.Tensor:
     """Each query's `topk` keys by the indexer fused with its top-k: int32 `[N, Tq, min(topk, Tk)]`,
-    ascending, -1 padded, ties by index. Launches hold as many rows as `tile_budget` allows for the
-    kernel's candidate buffer."""
+    ascending, -1 padded, ties by index. A launch holds as many rows as four `tile_budget`s allow for
+    the kernel's candidate buffer (all 64K rows of a 2048 selection: one launch balances the causal
+    rows' unequal work best)."""
     cd = compute_dtype(view.q.dtype)
     q_idx, k_idx = opts.q_idx.detach(), opts.k_idx.detach()
     md = q_idx.dtype if half_gemm(q_idx.device, q_idx.dtype) and k_idx.dtype == q_idx.dtype else cd
@@ -198,7 +199,7 @@ def _fused_rows(view: SeqView, opts: DsaOptions, fused: Any) -> torch.Tensor:
     w = view.pad(opts.w.detach()).to(cd)
     per_row = 2 * q_idx.shape[0] * fused.buffer_width(opts.topk, view.tk)
     return fused.indexer_topk(q_idx, k_idx, w, view.k_len, view.offset, view.causal, opts.topk,
-                              max_rows=max(1, tile_budget(view.q.device) // per_row))
+                              max_rows=max(1, 4 * tile_budget(view.q.device) // per_row))
 
 
 def _radix_rows(view: SeqView, indexer: "_Indexer", radix: Any, topk: int, col_stop: Any, max_tile: int) -> torch.Tensor:

@@ -106,7 +106,7 @@ def _key_tile(K_SEQ, stride_kt, Q_ROWS, W_ROWS, stride_qh, stride_wh, c0, klen, 
 def _prefix_count(x, tri):
     """Inclusive running count along each row of a boolean tile, as a dot with the upper-triangular
     ones `tri` (exact in float32; a tensor-core op on the dot's own layout, where a scan is not)."""
-    return mm(x.to(tl.float16), tri, "tf32").to(tl.int64)
+    return mm(tl.where(x, 1.0, 0.0).to(tl.float16), tri, "tf32").to(tl.int64)
 
 
 @triton.jit
@@ -139,7 +139,7 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
                             HI, DI: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, EDGES: tl.constexpr, SAMPLE: tl.constexpr,
                             FLOAT_ROUNDS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m, n = tl.program_id(0), tl.program_id(1)
+    pid_m, n = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)  # causal: the longest rows first
     n64 = n.to(tl.int64)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows (row r sits at key position r + offset)
     r_in = r < R
