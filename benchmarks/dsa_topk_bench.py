@@ -129,6 +129,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             same = (a == b).all(-1)
             return dict(rows_identical=float(same.float().mean()), rows=int(same.numel()))
 
+        def rounds() -> dict[str, Any]:
+            got: list[torch.Tensor] = []
+            with torch.no_grad():
+                mod.indexer_topk(opts["q_idx"], opts["k_idx"], opts["w"].float(), torch.tensor([T], device="cuda"),
+                                 0, True, opts["topk"], rounds=got)
+            r = torch.cat([x.flatten() for x in got]).float()
+            return dict(rounds_mean=float(r.mean()), rounds_max=int(r.max()), programs=int(r.numel()),
+                        note="counting rounds per program; each round and the compaction recompute the scores")
+
+        attempt(dict(T=T, what="fused counting rounds", impl="fused"), rounds)
         if len(selections) == 2:
             attempt(dict(T=T, what="selections agree", impl="fused vs tiles"), agree)
         del leaves, opts, q, k, v, selections

@@ -73,9 +73,21 @@ def test_fused_topk_is_the_definition(mod, kernel_device, k, tq, tk, causal):
 def test_fused_topk_all_equal_scores_take_the_first_keys(mod, kernel_device):
     """One score value everywhere (w = 0): the bracket cannot be split, ties go by index."""
     q_idx, k_idx, w = int_inputs(1, 40, 300, 2, 8, seed=3, device=kernel_device)
-    got = mod.indexer_topk(q_idx, k_idx, w * 0, torch.tensor([300], device=kernel_device), 260, True, 21)
+    rounds = []
+    got = mod.indexer_topk(q_idx, k_idx, w * 0, torch.tensor([300], device=kernel_device), 260, True, 21,
+                           rounds=rounds)
     want = [[list(range(min(21, i + 261))) for i in range(40)]]
     assert_rows(got, want)
+    # the sample's range is the single value: one round isolates it
+    assert len(rounds) == 1 and rounds[0].max().item() == 1, f"counting rounds {rounds}"
+
+
+def test_fused_topk_rows_that_fit_the_buffer_take_no_round(mod, kernel_device):
+    q_idx, k_idx, w = int_inputs(1, 20, 30, 2, 8, seed=6, device=kernel_device)
+    rounds = []
+    got = mod.indexer_topk(q_idx, k_idx, w, torch.tensor([30], device=kernel_device), 10, True, 20, rounds=rounds)
+    assert_rows(got, definition(q_idx, k_idx, w, [30], 10, True, 20))  # buffer: 32 >= 30 keys
+    assert all(r.max().item() == 0 for r in rounds), f"counting rounds {rounds}"
 
 
 def test_fused_topk_random_scores(mod, kernel_device):

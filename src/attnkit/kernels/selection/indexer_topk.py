@@ -133,12 +133,13 @@ def _edges(lo, hi, s_lo, s_hi, by_value, cols, EDGES: tl.constexpr):
 
 
 @triton.jit
-def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k, cap,
+def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, ROUNDS, R, offset, k, cap,
                             stride_qn, stride_qt, stride_qh, stride_kn, stride_kt, stride_wn, stride_wt, stride_wh,
                             stride_bn, stride_br, stride_cn,
                             HI, DI: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, EDGES: tl.constexpr, SAMPLE: tl.constexpr,
-                            FLOAT_ROUNDS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                            FLOAT_ROUNDS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                            KEEP_ROUNDS: tl.constexpr):
     pid_m, n = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)  # causal: the longest rows first
     n64 = n.to(tl.int64)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows (row r sits at key position r + offset)
@@ -235,6 +236,8 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, R, offset, k
         taken += tl.reduce(sel.to(tl.int64), 1, _SUM)
         seen += tl.reduce(inb.to(tl.int64), 1, _SUM)
     tl.store(COUNT + n64 * stride_cn + r, taken.to(tl.int32), mask=r_in)
+    if KEEP_ROUNDS:  # diagnostics: counting rounds of this program
+        tl.store(ROUNDS + n64 * tl.num_programs(0) + pid_m, rnd)
 
 
 @triton.jit
@@ -281,12 +284,15 @@ def supports(k: int, tk: int) -> bool:
 
 
 def indexer_topk(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor, k_len: torch.Tensor, offset: int,
-                 causal: bool, k: int, max_rows: int | None = None) -> torch.Tensor:
+                 causal: bool, k: int, max_rows: int | None = None,
+                 rounds: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Each query's `k` best keys by the lightning-indexer score: `q_idx [N, Tq, Hi, Di]`, `k_idx
     [N, Tk, Di]` (same dtype: half precision, or float32 with IEEE dots), `w [N, Tq, Hi]`, `k_len [N]`
     valid keys per sequence; query row i sits at key position `i + offset`. Returns int32
     `[N, Tq, min(k, Tk)]`, ascending, -1 padded; ties at the k-th score go to the smaller index.
-    `max_rows` bounds the rows per launch (the buffer is `[N, rows, buffer_width]` int32 twice)."""
+    `max_rows` bounds the rows per launch (the buffer is `[N, rows, buffer_width]` int32 twice).
+    `rounds`, a list, receives per launch the counting rounds of each program `[N, row blocks]`
+    (what a pass count costs: each round and the compaction recompute the scores once)."""
     N, Tq, HI, DI = q_idx.shape
     Tk = k_idx.shape[1]
     width = min(k, Tk)
@@ -308,14 +314,18 @@ def indexer_topk(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor, k_le
     with launch_env():
         for r0 in range(0, Tq, rows):
             R = min(rows, Tq - r0)
-            _bracket_compact_kernel[(triton.cdiv(R, BLOCK_M), N)](
-                q_idx[:, r0:], k_idx, w[:, r0:], k_len, buf_key, buf_idx, count, R, offset + r0, k, cap,
+            blocks = triton.cdiv(R, BLOCK_M)
+            rnd = torch.zeros(N, blocks if rounds is not None else 1, dtype=torch.int32, device=q_idx.device)
+            _bracket_compact_kernel[(blocks, N)](
+                q_idx[:, r0:], k_idx, w[:, r0:], k_len, buf_key, buf_idx, count, rnd, R, offset + r0, k, cap,
                 q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_idx.stride(0), k_idx.stride(1),
                 w.stride(0), w.stride(1), w.stride(2), buf_key.stride(0), buf_key.stride(1), count.stride(0),
                 HI, DI=DI, BLOCK_D=max(16, triton.next_power_of_2(DI)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 EDGES=EDGES, SAMPLE=SAMPLE, FLOAT_ROUNDS=FLOAT_ROUNDS, CAUSAL=causal, DOT_PREC=prec,
-                num_warps=NUM_WARPS, num_stages=2,
+                KEEP_ROUNDS=rounds is not None, num_warps=NUM_WARPS, num_stages=2,
             )
+            if rounds is not None:
+                rounds.append(rnd)
             o = out[:, r0:]
             _buffer_select_kernel[(R, N)](buf_key, buf_idx, count, o, R, k, buf_key.stride(0), buf_key.stride(1),
                                           count.stride(0), o.stride(0), o.stride(1), CAP=cap,
