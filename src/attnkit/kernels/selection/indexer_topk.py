@@ -58,6 +58,7 @@ FLOAT_ROUNDS = 4  # rounds with value-spaced edges before key-spaced ones
 CAP_FACTOR = 2  # buffer width: the power of two >= CAP_FACTOR * k (and >= MIN_CAP)
 MIN_CAP = 1024
 MAX_CAP = 16384  # the buffer row lives in registers in step 2; wider selections take another path
+MAX_ROUNDS = tl.constexpr(64)
 KEY_MIN = tl.constexpr(-2147483648)
 KEY_MAX = tl.constexpr(2147483647)  # above every finite or infinite score's key
 
@@ -179,11 +180,14 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, ROUNDS, R, o
     cols = tl.arange(0, EDGES)
     rnd = tl.full((), 0, tl.int32)
     todo = tl.reduce(((n_lo > cap) & (hi - lo > 1)).to(tl.int32), 0, _SUM)
-    while todo > 0:
+    # key-spaced rounds always shrink a bracket of two or more keys, so this ends; MAX_ROUNDS only
+    # guards the device against a defect (it is far above the 32-bit key space's need)
+    while (todo > 0) & (rnd < MAX_ROUNDS):
         a = tl.maximum(lo, s_lo)
         z = tl.minimum(hi, s_hi + 1)
         by_value = flt_ok & (z - a > EDGES) & (rnd < FLOAT_ROUNDS)
         edges = _edges(lo, hi, s_lo, s_hi, by_value, cols, EDGES)
+        edges32 = edges.to(tl.int32)
         counts = tl.full((BLOCK_M, EDGES), 0, tl.int32)
         in_lo = tl.full((BLOCK_M,), KEY_MAX, tl.int32)  # the smallest and largest key inside the bracket
         in_hi = tl.full((BLOCK_M,), KEY_MIN, tl.int32)
@@ -192,7 +196,7 @@ def _bracket_compact_kernel(Q, K, W, KLEN, BUF_KEY, BUF_IDX, COUNT, ROUNDS, R, o
             u, vis, j = _key_tile(K_SEQ, stride_kt, Q_ROWS, W_ROWS, stride_qh, stride_wh, c0, klen, pos, r_in, d,
                                   d_in, HI, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC)
             for b in tl.static_range(EDGES):
-                e = tl.reduce(tl.where(cols[None, :] == b, edges, 0), 1, _SUM).to(tl.int32)
+                e = tl.reduce(tl.where(cols[None, :] == b, edges32, 0), 1, _SUM)
                 c = tl.reduce((vis & (u >= e[:, None])).to(tl.int32), 1, _SUM)
                 counts += tl.where(cols[None, :] == b, c[:, None], 0)
             inb = vis & (u >= lo32[:, None]) & (u < hi32[:, None])
