@@ -160,9 +160,25 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             attempt(dict(T=T, what="fused selection sweep", impl="BLOCK_M,BLOCK_N,warps,EDGES=%d,%d,%d,%d" % cfg,
                          default=cfg == default), sweep)
+    meta["summary"] = summary(rows)
     meta["total_s"] = round(time.time() - t0, 1)
     record(what="done", total_s=meta["total_s"])
     return 0
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per T and path: forward speed-up over cuDNN dense and the selection's share of the forward."""
+    out: dict[str, Any] = {}
+    for T in sorted({r["T"] for r in rows if "T" in r}):
+        at = {(r["what"], r.get("impl")): r.get("ms") for r in rows if r.get("T") == T}
+        dense = at.get(("dense forward", "sdpa-cudnn"))
+        for impl in ("tiles+torch.topk", "fused"):
+            fwd, sel = at.get(("dsa forward", impl)), at.get(("dsa selection", impl))
+            if fwd and dense:
+                out.setdefault(str(T), {})[impl] = {
+                    "fwd_ms": round(fwd, 2), "speedup_fwd_vs_dense": round(dense / fwd, 3),
+                    "selection_share": round(sel / fwd, 3) if sel else None}
+    return out
 
 
 if __name__ == "__main__":
