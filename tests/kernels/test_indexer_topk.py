@@ -58,10 +58,11 @@ def assert_rows(got, want, label=""):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("k,tq,tk", [(1, 37, 53), (16, 45, 75), (2048, 9, 2090), ("T", 29, 40)])
+@pytest.mark.parametrize("k,tq,tk", [(1, 37, 53), (16, 45, 75), (5, 60, 41), (2048, 9, 2090), ("T", 29, 40)])
 def test_fused_topk_is_the_definition(mod, kernel_device, monkeypatch, k, tq, tk, causal):
-    """k in {1, 16, 2048, T}; Tq != Tk (bottom-right aligned); Tk not a multiple of the tiles; the
-    second sequence has fewer keys; causal rows with fewer than k keys keep them all."""
+    """k in {1, 16, 2048, T} (and 5); Tq != Tk both ways (bottom-right aligned: with Tq > Tk the first
+    causal rows see no key); Tk not a multiple of the tiles; the second sequence has fewer keys;
+    causal rows with fewer than k keys keep them all."""
     kk = tk if k == "T" else k
     if kernel_device == "cpu" and tk > 1000:  # fewer, wider tiles keep the interpreter quick
         monkeypatch.setattr(mod, "BLOCK_N", 128)
