@@ -263,7 +263,7 @@ def _buffer_select_kernel(BUF_KEY, BUF_IDX, COUNT, OUT, R, k, stride_bn, stride_
         hi = tl.full((), KEY_MAX, tl.int64) + 1
         while hi - lo > 1:
             mid = (lo + hi) >> 1
-            c = tl.reduce((ok & (u.to(tl.int64) >= mid)).to(tl.int32), 0, _SUM)
+            c = tl.reduce((ok & (u >= mid.to(tl.int32))).to(tl.int32), 0, _SUM)
             big = c >= k
             lo = tl.where(big, mid, lo)
             hi = tl.where(big, hi, mid)
