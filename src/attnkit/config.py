@@ -59,6 +59,7 @@ class Settings:
     dsa_indexer_devices: tuple[str, ...] = ("cuda",)
     quest_kernel_devices: tuple[str, ...] = ("cuda",)  # Quest's page-bound kernel
     quest_radix_devices: tuple[str, ...] = ("cuda",)  # Quest's top pages by radix select (else a stable sort)
+    dsa_fused_topk_devices: tuple[str, ...] = ()  # DSA's indexer fused with its top-k: not yet measured
     half_gemm_devices: tuple[str, ...] = ("cuda",)  # selection GEMMs keep half operands
     linear_compile_devices: tuple[str, ...] = ("cuda",)
     # files

@@ -4,7 +4,9 @@ A lightning indexer scores every causal key for every query,
     `I[i, j] = sum_h w[i, h] * relu(q_idx[i, h] . k_idx[j])`,
 with `q_idx [B, Tq, Hi, Di]`, one `k_idx [B, Tk, Di]` shared by the indexer heads and
 `w [B, Tq, Hi]`; each query attends to its `topk` causal keys by `I`, shared by all attention
-heads. Top-k is streaming (`core.topk`): scores are made tile by tile and never form `[Tq, Tk]`.
+heads. Top-k is streaming (`core.topk`): scores are made tile by tile and never form `[Tq, Tk]`;
+or, with `config` `dsa_fused_topk_devices`, the indexer and its top-k run fused on chip
+(`kernels/selection/indexer_topk.py`) and the scores are never written.
 
 `indexer_loss` is how DeepSeek trains the indexer: the KL divergence from the main attention's
 distribution over the selected keys (summed over heads, L1-normalised) to the indexer's softmax
@@ -67,21 +69,46 @@ def _indexer_kernel(device: torch.device, index_dim: int, dtype: torch.dtype) ->
     return kernels.module_for("selection.indexer", device, config.get().dsa_indexer_devices)
 
 
-def _variants(call: AttentionCall, opts: Any) -> list[tuple[str, bool, str]]:
-    """The fused indexer kernel as a named variant of DSA's selection (what `_indexer_kernel` decides,
-    without loading the kernels)."""
+def _fused_topk_kernel(call: AttentionCall, opts: "DsaOptions") -> Any:
+    """The module of the indexer fused with its top-k (`kernels/selection/indexer_topk.py`) when it
+    can serve this call, else None (the tile-by-tile paths below)."""
     from .. import kernels
 
+    if call.dtype == torch.float64 or opts.q_idx.shape[-1] > MAX_KERNEL_INDEX_DIM:
+        return None
+    mod = kernels.module_for("selection.indexer_topk", call.device, config.get().dsa_fused_topk_devices)
+    return mod if mod is not None and mod.supports(opts.topk, call.tk) else None
+
+
+def _variants(call: AttentionCall, opts: Any) -> list[tuple[str, bool, str]]:
+    """The fused kernels as named variants of DSA's selection (what `_fused_topk_kernel` and
+    `_indexer_kernel` decide)."""
+    from .. import kernels
+
+    fused = _fused_variant(call, opts)
     devices = config.get().dsa_indexer_devices
     if call.dtype == torch.float64:
-        return [("indexer_kernel", False, "no float64")]
+        return [fused, ("indexer_kernel", False, "no float64")]
     if opts.q_idx.shape[-1] > MAX_KERNEL_INDEX_DIM:
-        return [("indexer_kernel", False, f"index dim {opts.q_idx.shape[-1]} > {MAX_KERNEL_INDEX_DIM}")]
+        return [fused, ("indexer_kernel", False, f"index dim {opts.q_idx.shape[-1]} > {MAX_KERNEL_INDEX_DIM}")]
     if call.device.type not in devices:
         where = "/".join(devices) or "no device"
-        return [("indexer_kernel", False, f"runs on {where}, inputs are on {call.device.type}")]
+        return [fused, ("indexer_kernel", False, f"runs on {where}, inputs are on {call.device.type}")]
     reason = kernels.device_ok(call.device.type)
-    return [("indexer_kernel", reason is None, reason or "fused indexer-score Triton kernel"), _radix_variant(call)]
+    return [fused, ("indexer_kernel", reason is None, reason or "fused indexer-score Triton kernel"),
+            _radix_variant(call)]
+
+
+def _fused_variant(call: AttentionCall, opts: Any) -> tuple[str, bool, str]:
+    """The indexer fused with its top-k (off by default until measured on a GPU)."""
+    name = "fused_topk"
+    if opts.q_idx.shape[-1] > MAX_KERNEL_INDEX_DIM:
+        return (name, False, f"index dim {opts.q_idx.shape[-1]} > {MAX_KERNEL_INDEX_DIM}")
+    row = kernel_variant(name, call, config.get().dsa_fused_topk_devices,
+                         "indexer scores and top-k fused on chip (the scores are never written)")
+    if row[1] and _fused_topk_kernel(call, opts) is None:
+        return (name, False, f"topk {opts.topk} of {call.tk} keys needs more candidates per row than the kernel keeps")
+    return row
 
 
 def _radix_variant(call: AttentionCall) -> tuple[str, bool, str]:
@@ -135,6 +162,10 @@ class _Indexer:
 def policy(call: AttentionCall, opts: DsaOptions) -> KVSelection:
     """The DSA selection of a validated call (no gradients)."""
     view = seq_view(call)
+    fused = _fused_topk_kernel(call, opts)
+    if fused is not None:
+        with torch.no_grad():
+            return KVSelection(_fused_rows(view, opts, fused).unsqueeze(1), q_block=1, k_block=1)
     with torch.no_grad():
         indexer = _Indexer(view, opts.q_idx, opts.k_idx, opts.w)
         N, Tq, Tk = view.q.shape[0], view.tq, view.tk
@@ -154,6 +185,21 @@ def policy(call: AttentionCall, opts: DsaOptions) -> KVSelection:
                                 col_stop=col_stop, dtype=compute_dtype(call.dtype), device=dev,
                                 max_tile_elems=tile_budget(dev) // per_pair, ordered=False)
     return KVSelection(compact_rows(idx.unsqueeze(1), opts.topk), q_block=1, k_block=1)
+
+
+def _fused_rows(view: SeqView, opts: DsaOptions, fused: Any) -> torch.Tensor:
+    """Each query's `topk` keys by the indexer fused with its top-k: int32 `[N, Tq, min(topk, Tk)]`,
+    ascending, -1 padded, ties by index. A launch holds as many rows as four `tile_budget`s allow for
+    the kernel's candidate buffer (all 64K rows of a 2048 selection: one launch balances the causal
+    rows' unequal work best)."""
+    cd = compute_dtype(view.q.dtype)
+    q_idx, k_idx = opts.q_idx.detach(), opts.k_idx.detach()
+    md = q_idx.dtype if half_gemm(q_idx.device, q_idx.dtype) and k_idx.dtype == q_idx.dtype else cd
+    q_idx, k_idx = view.pad(q_idx).to(md), view.pad(k_idx).to(md)
+    w = view.pad(opts.w.detach()).to(cd)
+    per_row = 2 * q_idx.shape[0] * fused.buffer_width(opts.topk, view.tk)
+    return fused.indexer_topk(q_idx, k_idx, w, view.k_len, view.offset, view.causal, opts.topk,
+                              max_rows=max(1, 4 * tile_budget(view.q.device) // per_row))
 
 
 def _radix_rows(view: SeqView, indexer: "_Indexer", radix: Any, topk: int, col_stop: Any, max_tile: int) -> torch.Tensor:
