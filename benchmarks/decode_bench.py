@@ -1,4 +1,4 @@
-"""Decode benchmark for issue 8: KV-cache read bandwidth, Quest speed-up, and policy fidelity.
+"""Decode benchmark: KV-cache read bandwidth, Quest speed-up, and policy fidelity.
 
 One GPU run reproduces the targets (H100, bf16, B=8, Hq=32, Hkv=8, D=128, T=32K and 128K):
   1. cuDNN SDPA decode of one token over a contiguous cache: time and bandwidth on the bytes read
@@ -176,7 +176,7 @@ def bench_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
     from attnkit.ops.decode import decode_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    triton_ok = device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    triton_ok = device == "cuda" or config.triton_interpret()
     dtype = getattr(torch, args.dtype)
     B, Hq, H, D, ps = args.batch, args.hq, args.hkv, args.head_dim, args.page_size
     el = torch.empty((), dtype=dtype).element_size()

@@ -52,7 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
     ap.add_argument("--max-minutes", type=float, default=3.5, help="stop starting rows after this")
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "results"), "dsa_topk_h100.json"))
+    ap.add_argument("--out", default="results/dsa_topk_h100.json")
     args = ap.parse_args(argv)
 
     import triton

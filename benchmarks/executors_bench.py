@@ -1,5 +1,5 @@
 """Benchmark of the GPU sparse executors: attnkit's Triton kernels vs FlexAttention on the same
-block selection vs cuDNN SDPA dense causal (issue 6).
+block selection vs cuDNN SDPA dense causal.
 
 bf16, head dim 128, B = 1, H = 16 (MHA, per-head selection), causal, block 128 x 128. For each
 density d, every query block selects round(d * T / 128) key blocks among its causal ones (its own

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/linear_bench.py --out results/linear_h100.json
 
-Shape (issue 4): bf16, B = 1, H = 16, K = V = 128, T in {8192, 32768}. For each method:
+Shape: bf16, B = 1, H = 16, K = V = 128, T in {8192, 32768}. For each method:
 forward and forward+backward of attnkit's PyTorch chunked form (eager, and `torch.compile`
 where the time budget allows), of fla's chunked kernels (attnkit's `fla` backend), and of cuDNN
 dense causal attention (`scaled_dot_product_attention`, cuDNN backend) at the same shape.

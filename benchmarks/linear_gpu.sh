@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The linear-family table (issue 4) on a GPU, in two device calls of < 10 min each, because fla's
+# The linear-family table on a GPU, in two device calls of < 10 min each, because fla's
 # first call per method autotunes for minutes (more than 155 s per gated/delta method even with
 # one process per method in parallel, as measured):
 #   call 1:  OUT=$OUT bash benchmarks/linear_gpu.sh warm   # fla fwd+bwd once per method, in parallel;

@@ -92,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-minutes", type=float, default=7.0, help="stop starting rows after this")
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "results"), "prefill_h100.json"))
+    ap.add_argument("--out", default="results/prefill_h100.json")
     args = ap.parse_args(argv)
 
     import attnkit as ak

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One GPU session: GPU tests of the executors and their method wiring, the benchmark sweep, and the
-# context-parallel benchmark. Usage (repo root, a CUDA machine): OUT=dir bash benchmarks/run_gpu_session.sh
+# One GPU run: GPU tests of the executors and their method wiring, the benchmark sweep, and the
+# context-parallel benchmark. Usage (repo root, a CUDA machine): OUT=dir bash benchmarks/gpu_sweep.sh
 set -u
-OUT=${OUT:-results/gpu-session}
+OUT=${OUT:-results/gpu-sweep}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
