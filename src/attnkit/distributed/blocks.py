@@ -265,14 +265,55 @@ def _backward(name: str, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     with torch.enable_grad():
         qs, ks, vs = (x.detach().requires_grad_(True) for x in (q, k, v))
         ob, lb = blockwise_attention(qs, ks, vs, causal=causal, scale=scale, mask=mask if kind == PARTIAL else None)
-        lse_c = lse.to(cd)
-        w = torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), torch.exp(lb.detach().to(cd) - lse_c))
-        w_t = w.transpose(1, 2).unsqueeze(-1)  # [B, n, Hq, 1]
-        d = dout.to(cd)
-        g_out = d * w_t
-        g_lse = w * (d * (ob.detach().to(cd) - out.to(cd))).sum(-1).transpose(1, 2)
+        g_out, g_lse = partial_share(dout.to(cd), out.to(cd), lse.to(cd), ob.detach(), lb.detach())
         dq, dk, dv = torch.autograd.grad((ob, lb), (qs, ks, vs), (g_out.to(ob.dtype), g_lse.to(lb.dtype)))
     return dq, dk, dv
+
+
+def partial_share(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
+                  lse_b: torch.Tensor, dlse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients reaching one partial result `(out_b, lse_b)` of a merge by LSE, given the
+    merged `out: [B, n, H, Dv]`, `lse: [B, H, n]` and their gradients `dout` (and `dlse`, if any):
+    with `w = exp(lse_b - lse)` (0 where no key was seen), `w * dout` on the output and
+    `w * (dlse + rowsum(dout * (out_b - out)))` on the LSE. Computed in the dtype of `out`."""
+    cd = out.dtype
+    w = torch.where(torch.isinf(lse), torch.zeros_like(lse), torch.exp(lse_b.to(cd) - lse))
+    g_lse = (dout * (out_b.to(cd) - out)).sum(-1).transpose(1, 2)
+    if dlse is not None:
+        g_lse = g_lse + dlse.to(cd)
+    return dout * w.transpose(1, 2).unsqueeze(-1), w * g_lse
+
+
+class _Merge(torch.autograd.Function):
+    """`merge_` of several partial results, differentiable: each part receives `partial_share`."""
+
+    @staticmethod
+    def forward(ctx, *parts: torch.Tensor):  # type: ignore[no-untyped-def]
+        outs, lses = parts[0::2], parts[1::2]
+        cd = compute_dtype(outs[0].dtype)
+        acc_out, acc_lse = outs[0].to(cd).clone(), lses[0].to(cd).clone()
+        for ob, lb in zip(outs[1:], lses[1:]):
+            merge_(acc_out, acc_lse, ob, lb)
+        ctx.save_for_backward(acc_out, acc_lse, *parts)
+        ctx.dtypes = [p.dtype for p in parts]
+        return acc_out.to(outs[0].dtype), acc_lse
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor, dlse: Optional[torch.Tensor]):  # type: ignore[no-untyped-def]
+        out, lse, *parts = ctx.saved_tensors
+        grads = []
+        for ob, lb in zip(parts[0::2], parts[1::2]):
+            g_out, g_lse = partial_share(dout.to(out.dtype), out, lse, ob, lb, dlse)
+            grads += [g_out.to(ob.dtype), g_lse.to(lb.dtype)]
+        return tuple(grads)
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial results `(out [B, n, H, Dv], lse [B, H, n])` of the same rows over disjoint key sets
+    -> their merge by LSE `(out in the first part's dtype, lse float32/64)`, with autograd (each
+    part gets its share of the merged gradients, so every part keeps its own kernel's backward)."""
+    flat = [t for part in parts for t in part]
+    return _Merge.apply(*flat)
 
 
 def merge_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
@@ -421,4 +462,5 @@ class GradAccumulator:
 
 
 __all__ = ["CAUSAL", "FULL", "KERNELS", "KernelChoice", "OutputAccumulator", "GradAccumulator", "PARTIAL",
-           "DECLARED", "Rectangle", "backward", "choose", "forward", "merge_", "pick_kernel", "why_not"]
+           "DECLARED", "Rectangle", "backward", "choose", "forward", "merge", "merge_", "partial_share", "pick_kernel",
+           "why_not"]

@@ -7,9 +7,12 @@ all-gathers one bit per key block ("some query of mine selected it"); then, in r
 t = 1 .. W-1, rank r sends rank (r + t) the blocks of its shard that rank needs and receives
 from rank (r - t) the blocks it needs. A round in which no rank needs anything from the rank t
 places before it is skipped by everyone (all ranks know the whole need matrix). The local
-computation is one attention call of the local queries over the own shard plus the received
-blocks, restricted by the selection (remapped to the held blocks) and by causality in global
-positions. Key/value gradients of received blocks travel back to their owners the same way.
+computation attends the local queries over the own shard plus the received blocks, restricted
+by the selection (remapped to the held blocks) and by causality in global positions, as at most
+two calls of the sparse executor (`ops.sparse`, whose dispatcher picks Triton, FlexAttention or
+the reference): the selected blocks wholly in a query block's past (no mask) and, when causal,
+the blocks on its diagonal (causal within the query's own chunk), merged by LSE
+(`blocks.merge`). Key/value gradients of received blocks travel back to their owners the same way.
 
 Bytes sent are exactly the selected blocks of other ranks (`CommStats`), and
 `CommStats.skipped_steps` counts the skipped rounds.
@@ -23,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 from ..core.contract import AttnkitError, validate_attention
-from ..core.masks import Mask
-from ..core.reference import blockwise_attention
 from ..core.selection import KVSelection, cdiv
+from ..ops.dispatch import Explanation
+from .blocks import merge
 from .comm import Comm, CommStats, dtype_code, dtype_name
 from .layout import check_layout, chunks_per_rank, positions, segments
 
@@ -129,6 +132,7 @@ def selection_ring_attention(
     layout: str = "zigzag",
     scale: Optional[float] = None,
     *,
+    backend: str = "auto",
     stats: Optional[CommStats] = None,
 ) -> torch.Tensor:
     """Attention of a sharded sequence restricted to a block-level `selection`, moving only the
@@ -139,7 +143,11 @@ def selection_ring_attention(
     numbered globally; `k_block` and `q_block` must divide the layout's chunk length. Equals the
     single-process `attention(..., selection=global_selection)` on this rank's rows (a selection
     method's output when its selection is passed). Gathers the selected blocks at once: memory is
-    the own shard plus the selected remote blocks."""
+    the own shard plus the selected remote blocks.
+
+    `backend` is the sparse executor's (`ops.sparse_attention`: "auto", "triton", "flex",
+    "reference"), used for both local calls; `stats.kernels` names what ran for each piece and
+    why the backends before it were passed over."""
     comm = Comm(group, "selection_ring_attention")
     problem, sig = None, [-1] * 9
     try:
@@ -168,26 +176,120 @@ def selection_ring_attention(
     need = torch.stack([x.cpu() for x in comm.all_gather(mine[:nk].to(torch.uint8))]).bool()
     plan = _Plan(need, W, layout, T, kb)
     rounds = plan.active_rounds()
-    if stats is not None:
-        stats.steps, stats.skipped_steps, stats.calls = 1 + len(rounds), W - 1 - len(rounds), 1
-        stats.kernels = {"reference": "reference (selection and global-position mask)"}
     kc, vc = _FetchBlocks.apply(k.contiguous(), v.contiguous(), comm, plan, rounds, stats)
     # the held keys: own shard, then the received blocks in round order
     own_blocks = torch.nonzero(plan.owner == r).flatten()
     own_blocks = own_blocks[torch.argsort(plan.first_row[own_blocks])]  # in local row order
-    held = [own_blocks] + [plan.blocks((r - t) % W, r) for t in rounds]
-    held_blocks = torch.cat(held)
-    to_held = torch.full((nk + 1,), -1, dtype=torch.long)
-    to_held[held_blocks] = torch.arange(held_blocks.numel())
-    sel = to_held.to(idx.device)[torch.where(idx >= 0, idx.long(), torch.full_like(idx, nk, dtype=torch.long))]
-    local_sel = KVSelection(sel.to(torch.int32), selection.q_block, kb)
-    q_glob = positions(layout, W, r, T, q.device)
-    k_glob = (held_blocks.view(-1, 1) * kb + torch.arange(kb).view(1, -1)).flatten().to(q.device)
-    shift = kc.shape[1] - T  # bottom-right alignment of the local query positions
-
-    def visible(b: torch.Tensor, h: torch.Tensor, qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
-        return k_glob[kp] <= q_glob[qp - shift]
-
-    mask = Mask(visible, "global causal") if causal else None
-    out, _ = blockwise_attention(q, kc, vc, causal=False, scale=scale, mask=mask, selection=local_sel)
+    held_blocks = torch.cat([own_blocks] + [plan.blocks((r - t) % W, r) for t in rounds])
+    pieces = _LocalPieces(selection, W, r, layout, T, held_blocks, causal)
+    out, used = pieces.run(q, kc, vc, scale, backend)
+    if stats is not None:
+        stats.steps, stats.skipped_steps, stats.calls = 1 + len(rounds), W - 1 - len(rounds), len(used)
+        stats.kernels = _describe(used)
     return out
+
+
+class _LocalPieces:
+    """The local attention of one rank split into calls of the sparse executor that need no mask
+    beyond its own causal rule, so the dispatcher can put them on its fast kernels:
+
+    - `past`: for each query block, its selected key blocks that lie wholly at or before the
+      block's first query in global positions (all of them when not causal), remapped to the held
+      keys; non-causal, no mask;
+    - `diagonal` (causal only): the selected key blocks that overlap the query block's own
+      positions. Chunks hold whole query and key blocks, so these lie in the query's own chunk of
+      the own shard: each chunk's queries attend to the same chunk's keys, causal with Tq == Tk
+      (chunks stacked along the batch).
+
+    Selected blocks wholly after the query block are invisible and dropped. The two results are
+    merged by LSE in float32/64 (`blocks.merge`), whose backward hands each call its share, so
+    each call keeps its own executor's backward."""
+
+    def __init__(self, selection: KVSelection, world: int, rank: int, layout: str, local_len: int,
+                 held_blocks: torch.Tensor, causal: bool) -> None:
+        qb, kb, idx = selection.q_block, selection.k_block, selection.indices
+        dev = idx.device
+        self.qb, self.kb, self.T = qb, kb, local_len
+        self.segs = segments(layout, world, rank, local_len)
+        self.chunk = local_len // len(self.segs)
+        nk = cdiv(world * local_len, kb)
+        to_held = torch.full((nk + 1,), -1, dtype=torch.long)
+        to_held[held_blocks] = torch.arange(held_blocks.numel())
+        to_held = to_held.to(dev)
+        gb = idx.long()
+        valid = gb >= 0
+        gb_safe = torch.where(valid, gb, torch.full_like(gb, nk))
+        q_first = positions(layout, world, rank, local_len, dev)[::qb].view(1, 1, -1, 1)  # first query per block
+        if causal:
+            past = valid & ((gb + 1) * kb - 1 <= q_first)
+            diag = valid & ~past & (gb * kb <= q_first + qb - 1)
+        else:
+            past, diag = valid, torch.zeros_like(valid)
+        self.past = _compact(to_held[gb_safe], past)
+        self.diagonal = None
+        if causal and bool(diag.any()):
+            per_chunk = self.chunk // qb
+            chunk_of_row = torch.arange(idx.shape[2], device=dev) // per_chunk
+            first_block = torch.tensor([sg.start // kb for sg in self.segs], device=dev)[chunk_of_row]
+            local = _compact(gb - first_block.view(1, 1, -1, 1), diag)  # [B, Hsel, Nq, S'] chunk-local
+            B, H, _, S = local.shape
+            self.diagonal = local.view(B, H, len(self.segs), per_chunk, S).transpose(1, 2).reshape(
+                B * len(self.segs), H, per_chunk, S)
+        self.has_past = bool(past.any())
+
+    def calls(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: Optional[float], backend: str):
+        """`(piece name, chosen backend, Explanation, call, opts, unstack)` for each call to make."""
+        from ..ops import sparse as sparse_op
+
+        out = []
+        if self.has_past or self.diagonal is None:
+            sel = KVSelection(self.past.to(torch.int32), self.qb, self.kb, trusted=True)
+            chosen, exp, call, opts = sparse_op.plan(q, kc, vc, sel, causal=False, scale=scale, return_lse=True,
+                                                     backend=backend)
+            out.append(("past blocks", chosen, exp, call, opts, None))
+        if self.diagonal is not None:
+            B, T, n = q.shape[0], self.T, len(self.segs)
+            stack = lambda x: x.reshape(B * n, self.chunk, *x.shape[2:])  # noqa: E731  chunks along the batch
+            sel = KVSelection(self.diagonal.to(torch.int32), self.qb, self.kb, trusted=True)
+            chosen, exp, call, opts = sparse_op.plan(stack(q), stack(kc[:, :T]), stack(vc[:, :T]), sel, causal=True,
+                                                     scale=scale, return_lse=True, backend=backend)
+
+            def unstack(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                H = lse.shape[1]
+                return o.reshape(B, T, *o.shape[2:]), lse.view(B, n, H, self.chunk).transpose(1, 2).reshape(B, H, T)
+
+            out.append(("diagonal blocks (causal)", chosen, exp, call, opts, unstack))
+        return out
+
+    def run(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: Optional[float],
+            backend: str) -> tuple[torch.Tensor, list[tuple[str, Explanation]]]:
+        parts, used = [], []
+        for name, chosen, exp, call, opts, unstack in self.calls(q, kc, vc, scale, backend):
+            o, lse = chosen.run(call, opts)
+            parts.append(unstack(o, lse) if unstack is not None else (o, lse))
+            used.append((name, exp))
+        if len(parts) == 1:
+            return parts[0][0], used
+        out, _ = merge(parts)
+        return out.to(q.dtype), used
+
+
+def _compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`values` where `keep`, else -1, kept entries first along the last dim, as narrow as the
+    widest row allows (at least 1)."""
+    big = torch.iinfo(torch.int64).max
+    order = torch.where(keep, values.long(), torch.full_like(values, big, dtype=torch.long)).sort(-1).values
+    width = max(int(keep.sum(-1).max()) if keep.numel() else 0, 1)
+    order = order[..., :width]
+    return torch.where(order == big, torch.full_like(order, -1), order)
+
+
+def _describe(used: list[tuple[str, Explanation]]) -> dict[str, str]:
+    """`CommStats.kernels`: each backend that ran, with the pieces it ran and the reasons the
+    backends before it in the dispatcher's order were passed over."""
+    out: dict[str, list[str]] = {}
+    for name, exp in used:
+        names = [row[0] for row in exp.rows]
+        skipped = "; ".join(f"{n}: {why}" for n, _, why in exp.rows[:names.index(exp.chosen)])
+        out.setdefault(exp.chosen, []).append(f"{name} via ops.sparse_attention" + (f" ({skipped})" if skipped else ""))
+    return {k: ", ".join(v) for k, v in out.items()}
