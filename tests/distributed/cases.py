@@ -67,6 +67,11 @@ def global_selection(case: Case):
     from attnkit.methods import block_topk, moba, nsa
 
     q, k, _, _ = case.inputs()
+    if case.method == "random":  # random blocks, future ones included (causality hides them), q_block != k_block
+        qb, kb = case.options["q_block"], case.options["k_block"]
+        g = torch.Generator().manual_seed(case.seed + 7)
+        chosen = torch.rand(case.B, case.options["hsel"], case.T // qb, case.T // kb, generator=g) < 0.4
+        return KVSelection.from_dense_blocks(chosen, qb, kb)
     bs = case.options["block_size"]
     if case.method == "block_topk":
         return block_topk.select(q, k, block_size=bs, topk=case.options["topk"], causal=case.causal)
@@ -107,7 +112,7 @@ def reference(case: Case, compute_dtype: Optional[torch.dtype] = torch.float64) 
     if case.op == "selection":  # the single-process selection method (or attention under the selection)
         import attnkit
 
-        if case.method in ("local", "nsa_selected"):
+        if case.method in ("local", "nsa_selected", "random"):
             out, _ = naive_attention(q, k, v, causal=case.causal, selection=global_selection(case),
                                      compute_dtype=compute_dtype)
         else:
@@ -151,6 +156,11 @@ CASES: dict[int, list[Case]] = {
              options={"block_size": 4, "topk": 2}),
         Case("selection_moba_contiguous", "selection", layout="contiguous", T=32, hkv=4, method="moba",
              options={"block_size": 4, "topk": 2}),
+        # q_block != k_block, per-query-head selections that often skip a block's own diagonal block
+        Case("selection_random_qb8_kb4_zigzag_gqa", "selection", layout="zigzag", T=32, method="random",
+             options={"q_block": 8, "k_block": 4, "hsel": 4}),
+        Case("selection_random_noncausal_contiguous", "selection", layout="contiguous", causal=False, T=32,
+             method="random", options={"q_block": 4, "k_block": 8, "hsel": 1}),
         Case("ulysses_dense_causal_gqa", "ulysses", layout="contiguous", causal=True),
         Case("ulysses_dense_noncausal_zigzag", "ulysses", layout="zigzag", causal=False, hkv=4),
         Case("ulysses_sliding_window_mqa", "ulysses", layout="contiguous", causal=True, hkv=1,
@@ -183,6 +193,10 @@ CASES: dict[int, list[Case]] = {
              options={"block_size": 4, "topk": 3}),
         Case("selection_block_topk_contiguous", "selection", layout="contiguous", T=32, method="block_topk",
              options={"block_size": 4, "topk": 3}),
+        Case("selection_random_qb4_kb8_contiguous_gqa", "selection", layout="contiguous", T=32, method="random",
+             options={"q_block": 4, "k_block": 8, "hsel": 2}),
+        Case("selection_random_qb8_kb8_zigzag_mqa", "selection", layout="zigzag", T=64, hkv=1, method="random",
+             options={"q_block": 8, "k_block": 8, "hsel": 4}),
         Case("ulysses_dense_causal_zigzag_gqa", "ulysses", layout="zigzag", causal=True),
         Case("ulysses_sliding_window", "ulysses", layout="contiguous", causal=True, hkv=4,
              method="sliding_window", options={"window": 5, "sinks": 2}),
