@@ -49,6 +49,8 @@ def test_selection_ring_reports_its_local_calls(world_results, world, case):
     pieces = [p for p in ("past blocks via", "diagonal blocks (causal) via") if p in why]
     assert len(pieces) == res["calls"] and res["calls"] >= 1, f"{case.name}: {res['calls']} calls, {why}"
     assert case.causal or "diagonal" not in why, why  # without causality every block is one call
+    assert res["predicted_kernels"] == res["kernels"], f"explain said {res['predicted_kernels']}"
+    assert res["predicted_forward"] == res["bytes_forward"], f"explain: {res['predicted_forward']} B received"
 
 
 def test_random_cases_cover_the_split_edges():
@@ -80,7 +82,7 @@ def _world1_selection_ring(device: str, backend: str, dtype: torch.dtype, T: int
     equals single-process attention under the same selection (2x rule)."""
     from attnkit.core import naive_attention
     from attnkit.core.selection import KVSelection
-    from attnkit.distributed import CommStats, selection_ring_attention, shard_selection
+    from attnkit.distributed import CommStats, explain_selection_ring, selection_ring_attention, shard_selection
 
     from ..conftest import assert_close_rule
 
@@ -103,6 +105,8 @@ def _world1_selection_ring(device: str, backend: str, dtype: torch.dtype, T: int
         out.backward(local[3])
         assert list(stats.kernels) == [want_kernel], f"kernels used {stats.kernels}, expected {want_kernel}"
         assert stats.calls == (2 if causal else 1), stats
+        told = explain_selection_ring(ql, kl, vl, lsel, 1, 0, causal=causal, layout=layout, backend=backend)
+        assert told.kernels == stats.kernels and told.received_bytes == 0, told
         got = {"out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
         res = {}
         for cd in (torch.float64, None):

@@ -65,11 +65,16 @@ def _run_case(case: Case, world: int, rank: int, hybrid_groups: dict) -> dict:
         plan = cp.explain_ring(ql, kl, vl, world, rank, causal=case.causal, layout=case.layout, window=case.window,
                                sinks=case.sinks, cu_seqlens=case.cu())
         sent += [plan.forward_bytes, plan.backward_bytes]
+    if case.op == "selection":  # what this rank receives and runs, predicted without communicating
+        told = cp.explain_selection_ring(ql, kl, vl, sel, world, rank, causal=case.causal, layout=case.layout)
+        sent += [told.received_bytes]
     sent = torch.tensor(sent, dtype=torch.int64)
     dist.all_reduce(sent)
     res = {"bytes_forward": int(sent[0]), "bytes_backward": int(sent[1]), "steps": stats.steps,
            "skipped_steps": stats.skipped_steps,
            "calls": stats.calls, "kernels": dict(stats.kernels)}
+    if case.op == "selection":
+        res.update(predicted_forward=int(sent[2]), predicted_kernels=dict(told.kernels))
     if case.op == "ring":
         res.update(predicted_forward=int(sent[2]), predicted_backward=int(sent[3]), predicted_steps=plan.steps,
                    predicted_calls=plan.calls)

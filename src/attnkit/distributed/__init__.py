@@ -12,10 +12,12 @@ from .comm import CommStats
 from .layout import LAYOUTS, Segment, gather, positions, segments, shard, unshard
 from .hybrid import HybridGroups, hybrid_attention, hybrid_groups, hybrid_shard, hybrid_unshard
 from .ring import RingExplanation, explain_ring, ring_attention
-from .selection_ring import selection_ring_attention, shard_selection
+from .selection_ring import (SelectionRingExplanation, explain_selection_ring, selection_ring_attention,
+                             shard_selection)
 from .ulysses import ulysses_attention
 
 __all__ = [
     "LAYOUTS", "CommStats", "RingExplanation", "explain_ring", "HybridGroups", "Segment", "gather", "hybrid_attention", "hybrid_groups", "hybrid_shard",
-    "hybrid_unshard", "positions", "ring_attention", "segments", "selection_ring_attention", "shard_selection", "shard", "ulysses_attention", "unshard",
+    "hybrid_unshard", "positions", "ring_attention", "segments", "selection_ring_attention", "shard_selection",
+    "SelectionRingExplanation", "explain_selection_ring", "shard", "ulysses_attention", "unshard",
 ]

@@ -20,6 +20,7 @@ Bytes sent are exactly the selected blocks of other ranks (`CommStats`), and
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -237,8 +238,10 @@ class _LocalPieces:
                 B * len(self.segs), H, per_chunk, S)
         self.has_past = bool(past.any())
 
-    def calls(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: Optional[float], backend: str):
-        """`(piece name, chosen backend, Explanation, call, opts, unstack)` for each call to make."""
+    def calls(self, q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+              scale: Optional[float], backend: str):
+        """`(piece name, chosen backend, Explanation, call, opts, unstack)` for each call to make;
+        `k_own`, `v_own`: the own shard (the first rows of the held `kc`, `vc`)."""
         from ..ops import sparse as sparse_op
 
         out = []
@@ -251,7 +254,7 @@ class _LocalPieces:
             B, T, n = q.shape[0], self.T, len(self.segs)
             stack = lambda x: x.reshape(B * n, self.chunk, *x.shape[2:])  # noqa: E731  chunks along the batch
             sel = KVSelection(self.diagonal.to(torch.int32), self.qb, self.kb, trusted=True)
-            chosen, exp, call, opts = sparse_op.plan(stack(q), stack(kc[:, :T]), stack(vc[:, :T]), sel, causal=True,
+            chosen, exp, call, opts = sparse_op.plan(stack(q), stack(k_own), stack(v_own), sel, causal=True,
                                                      scale=scale, return_lse=True, backend=backend)
 
             def unstack(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +267,8 @@ class _LocalPieces:
     def run(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: Optional[float],
             backend: str) -> tuple[torch.Tensor, list[tuple[str, Explanation]]]:
         parts, used = [], []
-        for name, chosen, exp, call, opts, unstack in self.calls(q, kc, vc, scale, backend):
+        T = self.T
+        for name, chosen, exp, call, opts, unstack in self.calls(q, kc[:, :T], vc[:, :T], kc, vc, scale, backend):
             o, lse = chosen.run(call, opts)
             parts.append(unstack(o, lse) if unstack is not None else (o, lse))
             used.append((name, exp))
@@ -293,3 +297,47 @@ def _describe(used: list[tuple[str, Explanation]]) -> dict[str, str]:
         skipped = "; ".join(f"{n}: {why}" for n, _, why in exp.rows[:names.index(exp.chosen)])
         out.setdefault(exp.chosen, []).append(f"{name} via ops.sparse_attention" + (f" ({skipped})" if skipped else ""))
     return {k: ", ".join(v) for k, v in out.items()}
+
+
+@dataclass
+class SelectionRingExplanation:
+    """What `selection_ring_attention` will run on one rank: its local calls and their kernels."""
+
+    world: int
+    rank: int
+    held_blocks: int = 0  # key blocks attended: the own shard's plus the selected remote ones
+    received_bytes: int = 0  # forward bytes of the selected remote blocks this rank receives
+    kernels: dict[str, str] = field(default_factory=dict)  # kernel -> the calls it runs, and why
+    explanations: list[tuple[str, Explanation]] = field(default_factory=list)  # the dispatcher's, per call
+
+    def __str__(self) -> str:
+        ks = "; ".join(f"{k}: {why}" for k, why in self.kernels.items())
+        return (f"selection ring on rank {self.rank}/{self.world}: {len(self.explanations)} local call(s) over "
+                f"{self.held_blocks} key blocks, kernels [{ks}], receives {self.received_bytes} B forward")
+
+
+def explain_selection_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: KVSelection, world: int,
+                           rank: int = 0, causal: bool = True, layout: str = "zigzag", scale: Optional[float] = None,
+                           backend: str = "auto") -> SelectionRingExplanation:
+    """For this rank's shards and its rows of the selection (`shard_selection`), say which
+    kernels `selection_ring_attention` with the same arguments would run for its local calls,
+    and what it receives; needs no process group (only this rank's own selection)."""
+    check_layout(layout)
+    T, kb = q.shape[1], selection.k_block
+    nk = cdiv(world * T, kb)
+    idx = selection.indices
+    wanted = torch.zeros(nk + 1, dtype=torch.bool)
+    wanted[torch.where(idx >= 0, idx.long(), torch.full_like(idx, nk, dtype=torch.long)).flatten().cpu()] = True
+    own = torch.zeros(nk, dtype=torch.bool)
+    for seg in segments(layout, world, rank, T):
+        own[seg.start // kb:seg.stop // kb] = True
+    remote = torch.nonzero(wanted[:nk] & ~own).flatten()
+    held = torch.cat([torch.nonzero(own).flatten(), remote])
+    n = held.numel() * kb
+    kc, vc = (x[:, :1].expand(x.shape[0], n, *x.shape[2:]) for x in (k, v))  # shapes only: nothing is computed
+    pieces = _LocalPieces(selection, world, rank, layout, T, held, causal)
+    out = SelectionRingExplanation(world, rank, held_blocks=held.numel())
+    out.received_bytes = remote.numel() * kb * k.shape[0] * k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size()
+    out.explanations = [(name, exp) for name, _, exp, _, _, _ in pieces.calls(q, k, v, kc, vc, scale, backend)]
+    out.kernels = _describe(out.explanations)
+    return out
