@@ -157,7 +157,7 @@ CASES: dict[int, list[Case]] = {
         Case("selection_moba_contiguous", "selection", layout="contiguous", T=32, hkv=4, method="moba",
              options={"block_size": 4, "topk": 2}),
         # q_block != k_block, per-query-head selections that often skip a block's own diagonal block
-        Case("selection_random_qb8_kb4_zigzag_gqa", "selection", layout="zigzag", T=32, method="random",
+        Case("selection_random_qb8_kb4_zigzag_gqa", "selection", layout="zigzag", T=32, B=2, method="random",
              options={"q_block": 8, "k_block": 4, "hsel": 4}),
         Case("selection_random_noncausal_contiguous", "selection", layout="contiguous", causal=False, T=32,
              method="random", options={"q_block": 4, "k_block": 8, "hsel": 1}),
