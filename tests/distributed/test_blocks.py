@@ -211,3 +211,27 @@ def _check_fallback() -> None:
     assert choice.why_not == (("cudnn", "cudnn failed here: cuDNN attention is not supported by this build"),), choice
     with pytest.raises(ValueError, match="'cudnn' cannot run this ring: cudnn failed here"):
         blocks.forward(q, k, v, 8 ** -0.5, FULL, None, "cudnn")
+
+
+def test_merge_is_differentiable():
+    """`blocks.merge` (the LSE merge with autograd, used by the selection ring) passes gradcheck,
+    through both the output and the LSE, including a row one part never saw (LSE -inf)."""
+    g = torch.Generator().manual_seed(2)
+    B, n, H, Dv = 1, 3, 2, 4
+    parts = []
+    for _ in range(2):
+        out = torch.randn(B, n, H, Dv, generator=g, dtype=torch.float64)
+        lse = torch.randn(B, H, n, generator=g, dtype=torch.float64)
+        parts.append([out, lse])
+    parts[1][0][:, 0] = 0.0
+    parts[1][1][:, :, 0] = float("-inf")  # row 0: the second part saw no key
+    flat = [t.requires_grad_(True) for p in parts for t in p]
+
+    def f(*xs):
+        return blocks.merge([(xs[0], xs[1]), (xs[2], xs[3])])
+
+    # gradcheck perturbs -inf entries to -inf, so their (zero) gradient is checked as well
+    assert torch.autograd.gradcheck(f, tuple(flat), eps=1e-6, atol=1e-8)
+    out, lse = f(*flat)
+    want_lse = torch.logaddexp(parts[0][1], parts[1][1])
+    assert torch.allclose(lse, want_lse), "merged LSE differs from logaddexp"

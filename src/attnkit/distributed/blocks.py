@@ -20,6 +20,10 @@ rectangle kind, not at tensors, so its choice is cached:
 
 The fused kernels serve full and diagonal-causal rectangles; a window or sink edge (a partial
 rectangle) runs on the reference, whose mask is evaluated tile by tile.
+
+`merge_` folds partial results by LSE in place (the ring's accumulators, outside autograd);
+`merge` is the same merge with autograd, for callers whose parts keep their own executors'
+backward (the selection-aware exchange), each part receiving `partial_share` of the gradients.
 """
 
 from __future__ import annotations
