@@ -4,6 +4,7 @@
 #   OUT=dir bash benchmarks/gpu_targets.sh STEP [STEP ...]
 # Steps:
 #   cp        context parallelism at world 1 against cuDNN SDPA (16K, 64K), ring-block GPU tests first
+#   selring   the selection-aware ring at world 1 against the sparse executor (4K, 16K), its GPU tests first
 #   prefill   training-free prefill speed against cuDNN dense (128K, 64K, 32K, 16K) and its GPU tests
 #   moba      the MoBA executor by phase and variant (sorted / windowed / onepass) and its GPU tests
 #   dsa       DSA's fused indexer + top-k against the old selection, and its GPU tests
@@ -31,6 +32,9 @@ for step in "$@"; do
     cp)
         timeout 200 python3 benchmarks/cp_bench.py --tests --seqlens 16384,65536 --kernels auto,flash \
             --out "$OUT/cp_bench.json" > "$OUT/cp.log" 2>&1; tail -20 "$OUT/cp.log" ;;
+    selring)
+        timeout 300 python3 benchmarks/selection_ring_bench.py --tests --seqlens 4096,16384 \
+            --out "$OUT/selection_ring.json" > "$OUT/selring.log" 2>&1; tail -20 "$OUT/selring.log" ;;
     prefill)
         gpu_tests prefill tests/kernels/test_method_backends.py tests/methods/test_token_sparse.py \
             -k "vertical_slash or xattention or flexprefill or hip or token_sparse"
