@@ -53,6 +53,12 @@ class PagedLayerCache:
         self._alloc_pool(pages)
         self.page_table = torch.full((rows, 1), -1, dtype=torch.int32, device=self.device)  # [R, maxp]
         self.seen = torch.zeros(batch, dtype=torch.int64, device=self.device)  # tokens appended per sequence
+        # host-side counts, known from shapes (readers size their selections from them, so a decode
+        # step reads nothing back from the device): `appended`, tokens appended to a row at most
+        # (the sum of every append's Tn); `prefix`, n when every row holds exactly positions 0..n-1
+        # (only full appends at the default positions, nothing evicted or renumbered), else None
+        self.appended = 0
+        self.prefix: Optional[int] = 0
         self.state: dict = {}  # per-layer policy state (targets, recycled slots, ...)
 
     # --- storage -------------------------------------------------------------------------------
@@ -142,6 +148,7 @@ class PagedLayerCache:
         if bool((ok & (new < 0)).any()):
             raise AttnkitError("positions: a kept token was mapped to a negative position")
         self.pos_pool.view(-1)[flat.view(B, -1)[ok]] = new[ok]
+        self.prefix = None
         self.seen = torch.where(ok, new, -1).amax(1).clamp_min(-1) + 1
         self._dirty[:] = True
         self._bounds_stale = True
@@ -224,6 +231,7 @@ class PagedLayerCache:
                                f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
         if k.dtype != self.dtype or v.dtype != self.dtype:
             raise AttnkitError(f"k: expected dtype {self.dtype} (the cache's), got k {k.dtype}, v {v.dtype}")
+        default_rows = rows is None and positions is None  # positions seen + 0..Tn-1 in every row
         if positions is None:
             positions = self.seen.view(B, 1) + torch.arange(Tn, device=self.device)
         if positions.shape == (B, Tn):
@@ -238,6 +246,9 @@ class PagedLayerCache:
             raise AttnkitError(f"rows: expected bool [B={B}, Hkv={H}], got {rows.dtype} {tuple(rows.shape)}")
         if Tn == 0:
             return torch.empty(B, H, 0, dtype=torch.int64, device=self.device)
+        self.appended += Tn
+        if self.prefix is not None:
+            self.prefix = self.prefix + Tn if default_rows else None
         ps, R = self.page_size, self.rows
         take_row = rows.reshape(R)
         flat, allocated = self.flat_slots()
@@ -286,8 +297,11 @@ class PagedLayerCache:
             raise AttnkitError(f"slots: expected [B={B}, Hkv={H}, M], got {tuple(slots.shape)}")
         if slots.numel() == 0:
             return
-        if int(slots.max()) >= self.capacity:
-            raise AttnkitError(f"slots: expected logical slots < capacity {self.capacity}, got {int(slots.max())}")
+        top = int(slots.max())
+        if top >= self.capacity:
+            raise AttnkitError(f"slots: expected logical slots < capacity {self.capacity}, got {top}")
+        if top >= 0:
+            self.prefix = None
         flat, allocated = self.flat_slots()
         s = slots.reshape(self.rows, -1).long()
         ok = s >= 0

@@ -148,7 +148,13 @@ class Recycled(Reader):
     """Recycled Attention: every `stride` decode steps attend to the whole cache and remember the
     `topk` slots that got the most attention (summed over the KV group); the steps in between
     attend to those slots plus the full step's own tokens and every token appended since.
-    The step counter lives in the cache's per-layer state."""
+    The step counter lives in the cache's per-layer state.
+
+    A step in between lists its slots in a row of fixed width, known on the host: the remembered
+    slots, plus the full step's Tq, plus the tokens appended since (the cache's host count), at
+    most the cache's slots; -1 pads the rest. So no step reads a value back from the device, and a
+    step can be captured in a CUDA graph (the width grows with the tokens appended: one graph per
+    step). The bound holds while each row's positions are distinct (the cache's own numbering)."""
 
     name: ClassVar[str] = "recycled"
     stride: int = 4
@@ -170,20 +176,30 @@ class Recycled(Reader):
             valid = cache.logical()["valid"].gather(-1, idx)
             st["slots"] = torch.where(valid, idx, -1)
             st["since"] = cache.seen.clone() - q.shape[1]  # tokens from here on are "new"
+            st["new"] = q.shape[1] - cache.appended  # + cache.appended later: new tokens at most
             return None
-        lg = cache.logical()
-        new = lg["valid"] & (lg["pos"] >= st["since"].view(-1, 1, 1))  # [B, Hkv, L]
+        pos = slot_positions(cache)  # [B, Hkv, L], -1 free
+        live = pos >= 0
+        new = live & (pos >= st["since"].view(-1, 1, 1))
         L = new.shape[-1]
         old = st["slots"]  # [B, Hkv, topk], -1 padded: padding goes to a spare column L, then dropped
         chosen = torch.zeros(*new.shape[:-1], L + 1, dtype=torch.bool, device=new.device)
         chosen.scatter_(-1, torch.where(old >= 0, old, L), True)
-        chosen = chosen[..., :L] & lg["valid"]  # a recycled slot may have been evicted and reused: keep only live ones
+        chosen = chosen[..., :L] & live  # a recycled slot may have been evicted and reused: keep only live ones
         chosen |= new
-        width = max(int(chosen.sum(-1).max()), 1)
+        width = max(min(L, old.shape[-1] + st["new"] + cache.appended), 1)
         ids = torch.arange(L, device=new.device).expand_as(new)
         rows = torch.where(chosen, ids, L + ids).sort(-1).values[..., :width]
         rows = torch.where(rows < L, rows, -1)
         return _rows_to_selection(rows, q.shape[1], 1)
+
+
+def slot_positions(cache: PagedLayerCache) -> torch.Tensor:
+    """Original position held by every logical slot: `[B, Hkv, L]` int64, -1 free (no key or
+    value gathered)."""
+    flat, allocated = cache.flat_slots()
+    pos = torch.where(allocated, cache.pos_pool.view(-1)[flat], -1)
+    return pos.view(cache.batch, cache.num_heads, -1)
 
 
 # --- santa -----------------------------------------------------------------------------------
@@ -254,7 +270,12 @@ class Routed(Reader):
     """Decode with a registered method's own selection (its spec's `select(call, opts)` at the decode
     queries over the cached keys). The cache must hold a contiguous prefix (positions
     `0 .. seen-1`, nothing evicted), so that key blocks mean what the method means by them; the
-    selection is mapped from position-ordered keys back to logical slots. Sequences of different
+    selection is mapped from position-ordered keys back to logical slots.
+
+    When the cache knows on the host that it holds such a prefix (`cache.prefix`: appended at the
+    default positions, nothing evicted), the keys' count comes from there and the step reads
+    nothing back from the device (capturable in a CUDA graph, where the method's selection is too).
+    Otherwise the prefix is checked on the device and read back, and sequences of different
     lengths (a padded batch) select one at a time."""
 
     name: ClassVar[str] = "routed"
@@ -271,6 +292,10 @@ class Routed(Reader):
         return spec
 
     def select(self, q: torch.Tensor, cache: PagedLayerCache, scale: float) -> KVSelection:
+        n = cache.prefix
+        if n:
+            k, slots = _prefix_by_position(cache, n)
+            return self._select(q, k, slots, n, cache.num_heads)
         kept = cache.kept(by_position=True)
         pos = kept["pos"]
         seen = cache.seen.tolist()
@@ -280,18 +305,20 @@ class Routed(Reader):
         if not bool(full.all()) or (kept["valid"].sum(-1) != cache.seen.view(-1, 1)).any():
             raise AttnkitError(f"cache: routed decode ({self.method}) needs every head to hold positions 0..seen-1 "
                                "(no eviction)")
+        k = kept["k"].transpose(1, 2)  # [B, N, Hkv, D], position order
         if len(set(seen)) == 1:
-            return self._select(q, kept, seen[0], cache.num_heads)
+            return self._select(q, k, kept["slot"], seen[0], cache.num_heads)
         # rows of different lengths (a padded batch): each row selects over its own keys
-        parts = [self._select(q[b:b + 1], {n: t[b:b + 1, :, :seen[b]] for n, t in kept.items()}, seen[b],
+        parts = [self._select(q[b:b + 1], k[b:b + 1, :seen[b]], kept["slot"][b:b + 1, :, :seen[b]], seen[b],
                               cache.num_heads) for b in range(len(seen))]
         width = max(p.indices.shape[-1] for p in parts)
         rows = [torch.nn.functional.pad(p.indices, (0, width - p.indices.shape[-1]), value=-1) for p in parts]
-        return KVSelection(torch.cat(rows, 0).contiguous(), q_block=parts[0].q_block, k_block=1)
+        return KVSelection(torch.cat(rows, 0).contiguous(), q_block=parts[0].q_block, k_block=1, trusted=True)
 
-    def _select(self, q: torch.Tensor, kept: dict[str, torch.Tensor], n: int, H: int) -> KVSelection:
-        """The selection of `q [B, Tq, Hq, D]` over `kept` (position order, `n` tokens per row)."""
-        k = kept["k"].transpose(1, 2)  # [B, T, Hkv, D], position order
+    def _select(self, q: torch.Tensor, k: torch.Tensor, slots: torch.Tensor, n: int, H: int) -> KVSelection:
+        """The selection of `q [B, Tq, Hq, D]` over the keys `k [B, n, Hkv, D]` in position order,
+        as rows of logical slots (`slots [B, Hkv, n]`: the slot holding each position), marked
+        trusted: slot ids are in range by construction, rows as free of duplicates as the method's."""
         spec = self._spec()
         call = validate_attention(q, k, k, causal=True)
         sel = spec.select(call, parse_options(spec, call, self.options))
@@ -302,12 +329,27 @@ class Routed(Reader):
         tok = (blocks.unsqueeze(-1) * kb + torch.arange(kb, device=blocks.device))  # [B, Hsel, Nq, S, kb]
         tok = torch.where((blocks.unsqueeze(-1) >= 0) & (tok < n), tok, -1).flatten(-2)
         hs = sel.num_heads
-        slots_by_pos = kept["slot"]  # [B, Hkv, T]: each KV head has its own slot layout
-        if hs == Hq:
-            src = slots_by_pos.repeat_interleave(Hq // H, 1)  # [B, Hq, T]
+        if hs == Hq:  # each KV head has its own slot layout
+            src = slots.repeat_interleave(Hq // H, 1)  # [B, Hq, n]
         else:
-            src = slots_by_pos
+            src = slots
             tok = tok.expand(B, H, *tok.shape[2:])  # Hsel in (Hkv, 1): one row per KV head
         flat = src.unsqueeze(2).expand(*tok.shape[:3], n).gather(-1, tok.clamp_min(0))
         rows = torch.where(tok >= 0, flat, -1).to(torch.int32)
-        return KVSelection(rows.contiguous(), q_block=sel.q_block, k_block=1)
+        return KVSelection(rows.contiguous(), q_block=sel.q_block, k_block=1, trusted=True)
+
+
+def _prefix_by_position(cache: PagedLayerCache, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a cache whose every row holds exactly positions `0 .. n-1`: `(k [B, n, Hkv, D] in position
+    order, slots [B, Hkv, n]: the logical slot holding each position)`, without a read-back."""
+    flat, allocated = cache.flat_slots()  # [R, L]
+    pos = torch.where(allocated, cache.pos_pool.view(-1)[flat], -1)
+    R, L = pos.shape
+    ids = torch.arange(L, device=pos.device).expand(R, L)
+    # free slots (and, were the prefix wrong, positions past it) land in a spare column n, then dropped
+    slot = torch.zeros(R, n + 1, dtype=torch.int64, device=pos.device)
+    slot.scatter_(1, torch.where((pos >= 0) & (pos < n), pos, n), ids)
+    slot = slot[:, :n]
+    k = cache.k_pool.view(-1, cache.head_dim)[flat.gather(1, slot)]  # [R, n, D]
+    B, H = cache.batch, cache.num_heads
+    return k.view(B, H, n, -1).transpose(1, 2), slot.view(B, H, n)
