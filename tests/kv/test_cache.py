@@ -162,3 +162,26 @@ def test_page_bounds_survive_growth_and_compaction():
         used = ok.any(1).squeeze(-1)
         torch.testing.assert_close(kmin[used], torch.where(ok, k, float("inf")).amin(1)[used])
         torch.testing.assert_close(kmax[used], torch.where(ok, k, float("-inf")).amax(1)[used])
+
+
+def test_host_counts_follow_appends_and_what_breaks_the_prefix():
+    """`appended` (tokens appended to a row at most) and `prefix` (every row holds positions 0..n-1),
+    kept on the host from shapes: the readers size their selections from them."""
+    c, _, _ = random_cache(B=2, T=9, H=2, page_size=4)
+    assert (c.appended, c.prefix) == (9, 9)
+    one = torch.randn(2, 1, 2, 8, dtype=torch.float64)
+    c.append(one, one)
+    assert (c.appended, c.prefix) == (10, 10) and c.seen.tolist() == [10, 10]
+    c.retain(torch.arange(10).view(1, 1, 10).expand(2, 2, 10))  # keeps everything: nothing evicted
+    c.evict(torch.full((2, 2, 1), -1))
+    c.compact()  # slots move, positions stay
+    assert c.prefix == 10 and c.kept()["pos"].tolist() == [[list(range(10))] * 2] * 2
+    for breaks in (lambda x: x.evict(torch.tensor([[[3]] * 2] * 2)),
+                   lambda x: x.append(one, one, positions=torch.tensor([[12], [12]])),
+                   lambda x: x.append(one, one, rows=torch.ones(2, 2, dtype=torch.bool)),
+                   lambda x: x.renumber(torch.arange(10).expand(2, 10))):
+        d, _, _ = random_cache(B=2, T=10, H=2, page_size=4)
+        breaks(d)
+        assert d.prefix is None
+        d.append(one, one)
+        assert d.prefix is None and d.appended >= 11

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attnkit.core.contract import AttnkitError, OptionError, validate_attention
+from attnkit.kv.paged import PagedLayerCache
 from attnkit.kv.sparse import Quest, Recycled, Routed, Santa, slot_attention
 from attnkit.registry import get_method, methods
 
@@ -154,3 +155,65 @@ def test_readers_validate_the_query_before_reading(reader, shape, match):
     with pytest.raises(AttnkitError, match=match):
         reader.attend(torch.randn(*shape, dtype=torch.float64), c)
     assert "recycled" not in c.state  # a rejected call leaves the reader's step counter alone
+
+
+def test_recycled_rows_have_a_width_known_on_the_host():
+    """Between full steps a row lists the remembered live slots and every token with a position from
+    the full step's on (the definition), sorted, -1 padded to `topk + Tq + tokens appended since`
+    (at most the cache's slots), whatever the device values are."""
+    c, _, _ = random_cache(T=30, page_size=4)
+    r = Recycled(stride=4, topk=5)
+    assert r.select(_q(1), c, 8 ** -0.5) is None  # full step at position 29
+    remembered = c.state["recycled"]["slots"]
+    c.evict(torch.tensor([[[int(remembered[b, h, 0])] for h in range(2)] for b in range(2)]))  # one goes
+    for step in range(3):
+        k1 = torch.randn(2, 1, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        c.append(k1, k1)
+        sel = r.select(_q(2 + step), c, 8 ** -0.5)
+        idx = sel.indices
+        assert sel.trusted and sel.k_block == 1 and idx.shape == (2, 2, 1, 5 + 1 + (step + 1))
+        lg = c.logical()
+        for b in range(2):
+            for h in range(2):
+                row = idx[b, h, 0].tolist()
+                got = [s for s in row if s >= 0]
+                assert got == sorted(got) and row[len(got):] == [-1] * (len(row) - len(got))
+                want = {s for s in remembered[b, h].tolist() if s >= 0 and bool(lg["valid"][b, h, s])}
+                want |= {s for s in range(lg["pos"].shape[-1]) if int(lg["pos"][b, h, s]) >= 29}
+                assert set(got) == want and len(got) == len(want)
+    c2, _, _ = random_cache(T=6, page_size=4)  # topk beyond the cache: the width stops at its slots
+    r2 = Recycled(stride=4, topk=64)
+    r2.select(_q(1), c2, 8 ** -0.5)
+    k1 = torch.randn(2, 1, 2, 8, dtype=torch.float64)
+    c2.append(k1, k1)
+    assert r2.select(_q(2), c2, 8 ** -0.5).indices.shape == (2, 2, 1, c2.capacity)
+
+
+@pytest.mark.parametrize("method", [s.name for s in methods() if s.select is not None and s.capabilities.decode])
+def test_routed_from_the_host_prefix_equals_the_checked_path(method):
+    """The selection built from `cache.prefix` (no read-back) lists the same slots per row as the one
+    built from the cache's kept tokens, checked on the device (`prefix` unknown)."""
+    spec = get_method(method)
+    c, k, _ = random_cache(T=29, page_size=4)
+    c.evict(torch.tensor([[[0]] * 2] * 2))
+    z = torch.zeros(2, 1, 2, 8, dtype=torch.float64)
+    c.append(z, z)  # slot 0 now holds the newest token: slots are not in position order
+    c.evict(torch.full((2, 2, 1), -1))
+    q = _q(6)
+    c.prefix = None
+    with pytest.raises(AttnkitError, match="cache"):  # position 0 was evicted
+        Routed(method, {}).select(q, c, 8 ** -0.5)
+    g = torch.Generator().manual_seed(7)
+    perm = torch.randperm(29, generator=g)  # slots hold positions out of order, every one of 0..28
+    k = torch.randn(2, 29, 2, 8, generator=g, dtype=torch.float64)
+    c = PagedLayerCache(2, 2, 8, page_size=4, dtype=torch.float64)
+    c.append(k, k, positions=perm.expand(2, 29))
+    assert c.prefix is None
+    c.prefix = 29  # true here; the cache cannot know it for given positions
+    opts = spec.example(validate_attention(q, k, k, causal=True))
+    fast = Routed(method, opts).select(q, c, 8 ** -0.5)
+    c.prefix = None
+    checked = Routed(method, opts).select(q, c, 8 ** -0.5)
+    assert fast.indices.shape == checked.indices.shape
+    rows = lambda s: [sorted(x for x in r if x >= 0) for r in s.indices.reshape(-1, s.width).tolist()]  # noqa: E731
+    assert rows(fast) == rows(checked)
