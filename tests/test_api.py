@@ -64,8 +64,9 @@ def test_list_methods_rows() -> None:
     assert rows["sliding_window"]["options"] == ["window", "sinks"]
     assert rows["dense"]["capabilities"] == dict(causal=True, non_causal=True, gqa=True, varlen=True,
                                                  backward=True, decode=True, lse=True,
-                                                 selection_reads_whole_prompt=False)
+                                                 selection_reads_whole_prompt=False, decode_dense=False)
     assert rows["vertical_slash"]["capabilities"]["selection_reads_whole_prompt"]
+    assert rows["token_sparse"]["capabilities"]["decode_dense"] and not rows["block_topk"]["capabilities"]["decode_dense"]
     for r in rows.values():
         assert (ROOT / r["docs"]).is_file(), f"{r['name']}: docs page {r['docs']} is missing"
 

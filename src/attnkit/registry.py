@@ -83,6 +83,9 @@ class Capabilities:
     # causal rule hides from it. The fuzz suite then holds earlier rows to attention under the
     # selection actually used, instead of to bitwise equality.
     selection_reads_whole_prompt: bool = False
+    # a decode step (Tq == 1) attends to every visible key: the selection is estimated from the
+    # prompt's own queries, which a decode step does not have (the sparse-prefill estimators)
+    decode_dense: bool = False
 
 
 @dataclass(frozen=True)

@@ -183,4 +183,18 @@ def test_prefill_method_at_decode_warns_once(monkeypatch: pytest.MonkeyPatch) ->
     ids = torch.randint(1, V, (1, 12))
     with pytest.warns(UserWarning, match="sparse-prefill method") as record:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
-    assert sum("sparse-prefill" in str(w.message) for w in record) == 1
+    said = [str(w.message) for w in record if "sparse-prefill" in str(w.message)]
+    assert len(said) == 1 and "selecting key blocks" in said[0]
+
+
+@pytest.mark.parametrize("method", ["vertical_slash", "token_sparse"])
+def test_prefill_method_that_decodes_densely_says_so(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    from attnkit.integrations import hf_attention
+
+    monkeypatch.setattr(hf_attention, "_WARNED", set())
+    model = _model(method).eval()
+    ids = torch.randint(1, V, (1, 12))
+    with pytest.warns(UserWarning, match="sparse-prefill method") as record:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    said = [str(w.message) for w in record if "sparse-prefill" in str(w.message)]
+    assert len(said) == 1 and "attends densely" in said[0] and "selecting" not in said[0]

@@ -112,10 +112,14 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """`q [B, Tq, Hq, D]`, `k`/`v [B, Tk, Hkv, D]`, `key_mask` None or `bool [B, Tk']` -> `[B, Tq, Hq, Dv]`
     with the module's method (also the prefill of `attnkit.hf.kv_policy`)."""
     cfg: HFMethod = getattr(module, "attnkit", _DEFAULT)
-    if q.shape[1] < k.shape[1] and get_method(cfg.method).family == "prefill":
-        _warn_once(("decode", cfg.method), f"attnkit: {cfg.method!r} is a sparse-prefill method; a decode step (a few "
-                   f"queries over a longer cache) runs it too, selecting key blocks for the new queries over the "
-                   f"whole cache (inside attnkit.hf.kv_policy, decode steps follow the policy instead).")
+    spec = get_method(cfg.method)
+    if q.shape[1] < k.shape[1] and spec.family == "prefill":
+        dense = q.shape[1] == 1 and spec.capabilities.decode_dense
+        does = ("attends densely to the whole cache (its estimate needs the prompt's queries)" if dense else
+                "runs it too, selecting key blocks for the new queries over the whole cache")
+        _warn_once(("decode", cfg.method, dense), f"attnkit: {cfg.method!r} is a sparse-prefill method; a decode step "
+                   f"({q.shape[1]} {'query' if q.shape[1] == 1 else 'queries'} over a longer cache) {does} (inside "
+                   f"attnkit.hf.kv_policy, decode steps follow the policy instead).")
     if key_mask is None:
         return _run(module, cfg, q, k, v, causal, scale, None)
     B, Tq = q.shape[:2]

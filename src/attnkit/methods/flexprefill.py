@@ -151,6 +151,6 @@ SPEC = register_selection(
     paper="FlexPrefill (Lai et al., 2025)",
     summary="per head, query-aware blocks or vertical-slash lines (chosen by JS divergence), kept up to a cumulative gamma",
     example=_example,
-    capabilities=Capabilities(non_causal=False, selection_reads_whole_prompt=True),
+    capabilities=Capabilities(non_causal=False, selection_reads_whole_prompt=True, decode_dense=True),
     flex_block=lambda opts: opts.block_size,
 )

@@ -30,7 +30,7 @@ import torch
 from ..core.contract import AttentionCall, validate_attention
 from ..core.selection import KVSelection, cdiv
 from ..core.checks import check_int
-from ..registry import MethodOptions, register_selection
+from ..registry import Capabilities, MethodOptions, register_selection
 from ._prefill_estimate import bitmap_rows, block_span, dense_selection, query_lengths, row_chunks
 from .gemm import compute_dtype
 from .router import SeqView, seq_view
@@ -161,4 +161,5 @@ SPEC = register_selection(
     summary="per query block, top-k key blocks found by halving ranges scored by their middle key",
     example=_example,
     flex_block=lambda opts: opts.block_size,
+    capabilities=Capabilities(decode_dense=True),
 )

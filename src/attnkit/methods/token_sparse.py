@@ -163,7 +163,7 @@ SPEC = register(
         paper="Token Sparse Attention (Jo et al., 2026)",
         summary="per head, the tokens covering most of the last queries' attention, gathered into dense attention and scattered back",
         options=TokenSparseOptions,
-        capabilities=Capabilities(non_causal=False, selection_reads_whole_prompt=True),
+        capabilities=Capabilities(non_causal=False, selection_reads_whole_prompt=True, decode_dense=True),
         visibility=visibility,
         backends=(
             Backend("sdpa", lambda call, opts: gather_dense_scatter(call, opts, "sdpa"), lse=False),

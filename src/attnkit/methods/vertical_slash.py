@@ -108,6 +108,6 @@ SPEC = register_selection(
     paper="MInference (Jiang et al., 2024)",
     summary="top key columns and diagonals from the last queries' attention, run as the key blocks they touch",
     example=_example,
-    capabilities=Capabilities(non_causal=False, selection_reads_whole_prompt=True),
+    capabilities=Capabilities(non_causal=False, selection_reads_whole_prompt=True, decode_dense=True),
     flex_block=lambda opts: opts.block_size,
 )

@@ -26,7 +26,7 @@ import torch
 from ..core.contract import AttentionCall, OptionError, validate_attention
 from ..core.selection import KVSelection, cdiv
 from ..core.checks import check_int
-from ..registry import MethodOptions, register_selection
+from ..registry import Capabilities, MethodOptions, register_selection
 from ._prefill_estimate import bitmap_rows, block_candidates, block_span, coverage_keep, dense_selection, query_lengths, row_chunks
 from .gemm import bmm_f32
 from .router import SeqView, seq_view
@@ -147,4 +147,5 @@ SPEC = register_selection(
     summary="block scores from strided antidiagonal sums; per query block, the fewest key blocks reaching a score threshold",
     example=_example,
     flex_block=lambda opts: opts.block_size,
+    capabilities=Capabilities(decode_dense=True),
 )
