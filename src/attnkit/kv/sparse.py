@@ -173,10 +173,10 @@ class Recycled(Reader):
             mass = slot_attention(q, cache, scale)  # [B, Hkv, L]
             k = min(self.topk, mass.shape[-1])
             val, idx = mass.topk(k, dim=-1)
-            valid = cache.logical()["valid"].gather(-1, idx)
+            valid = slot_positions(cache).gather(-1, idx) >= 0
             st["slots"] = torch.where(valid, idx, -1)
             st["since"] = cache.seen.clone() - q.shape[1]  # tokens from here on are "new"
-            st["new"] = q.shape[1] - cache.appended  # + cache.appended later: new tokens at most
+            st["own"], st["appended"] = q.shape[1], cache.appended  # host counts: how many can be new
             return None
         pos = slot_positions(cache)  # [B, Hkv, L], -1 free
         live = pos >= 0
@@ -187,7 +187,7 @@ class Recycled(Reader):
         chosen.scatter_(-1, torch.where(old >= 0, old, L), True)
         chosen = chosen[..., :L] & live  # a recycled slot may have been evicted and reused: keep only live ones
         chosen |= new
-        width = max(min(L, old.shape[-1] + st["new"] + cache.appended), 1)
+        width = max(min(L, old.shape[-1] + st["own"] + cache.appended - st["appended"]), 1)
         ids = torch.arange(L, device=new.device).expand_as(new)
         rows = torch.where(chosen, ids, L + ids).sort(-1).values[..., :width]
         rows = torch.where(rows < L, rows, -1)
