@@ -8,7 +8,7 @@
 #   prefill   training-free prefill speed against cuDNN dense (128K, 64K, 32K, 16K) and its GPU tests
 #   moba      the MoBA executor by phase and variant (sorted / windowed / onepass) and its GPU tests
 #   dsa       DSA's fused indexer + top-k against the old selection, and its GPU tests
-#   quest     Quest decode at 128K by part, the tile sweep, and the decode GPU tests
+#   quest     Quest decode at 128K by part, the tile sweep; the decode and reader CUDA-graph GPU tests
 #   launches  kernel launches, host syncs and sorts per call of the routed methods at 4K-16K
 #   targets   every selection-engine target end to end (benchmarks/sparse_targets.sh)
 #   accuracy  `attnkit accuracy --full`; needs gguf, accelerate and the SmolLM2 GGUF at $MODEL_DIR
@@ -50,7 +50,8 @@ for step in "$@"; do
         timeout 300 python3 benchmarks/dsa_topk_bench.py --out "$OUT/dsa_topk.json" > "$OUT/dsa_topk.log" 2>&1
         tail -30 "$OUT/dsa_topk.log" ;;
     quest)
-        gpu_tests quest tests/kernels/test_quest_select.py tests/kernels/test_host_syncs.py tests/ops/test_decode.py
+        gpu_tests quest tests/kernels/test_quest_select.py tests/kernels/test_reader_graphs.py tests/kernels/test_host_syncs.py \
+            tests/ops/test_decode.py
         timeout 300 python3 benchmarks/decode_bench.py --seqlens 131072 --quest-sweep --warmup 5 --reps 20 \
             --out "$OUT/quest_decode.json" > "$OUT/quest_decode.log" 2>&1; tail -30 "$OUT/quest_decode.log" ;;
     launches)
