@@ -33,7 +33,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from attnkit.bench.timing import time_call
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
@@ -122,23 +122,8 @@ def counts(fn: Callable[[], Any], device: torch.device, stacks: bool = False) ->
 
 
 def timed(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> float:
-    """Median milliseconds: CUDA events on a GPU, wall clock on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    """Median milliseconds of `fn()` over warm runs (CUDA events on a GPU): `attnkit.bench.timing`."""
+    return time_call(fn, device, warmup=warmup, repeats=reps, budget_s=float("inf")).median_ms
 
 
 def calls(name: str, T: int, args: argparse.Namespace, tb: Any, device: torch.device

@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Any, Callable
 
 import torch
@@ -31,27 +30,14 @@ import torch.distributed as dist
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
+from attnkit.bench.timing import time_call  # noqa: E402  (after the path insert)
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _time(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device) -> float:
-    """Median milliseconds of `fn()` over `iters` warm runs (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    """Median milliseconds of `fn()` over warm runs (CUDA events on a GPU): `attnkit.bench.timing`."""
+    return time_call(fn, device, warmup=warmup, repeats=iters, budget_s=float("inf")).median_ms
 
 
 def _selection(args, T: int, device: torch.device):
