@@ -109,6 +109,13 @@ def override(**changes: Any) -> Iterator[Settings]:
         _current = old
 
 
+def hub_offline() -> None:
+    """Keep the Hugging Face libraries from reaching the network (a user's own setting wins): the
+    packaged models load from local files, and a stray hub lookup would only slow or break a run."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
 def triton_interpret() -> bool:
     """Whether `TRITON_INTERPRET=1` is set now (Triton's switch for its CPU interpreter)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

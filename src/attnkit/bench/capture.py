@@ -92,8 +92,7 @@ def _model_dir() -> Path:
 
 
 def _run_model(model_dir: Path, text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    config.hub_offline()
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
